@@ -1,0 +1,114 @@
+"""Throughput and peak memory of `encode_sparse` against a bare matmul and a dense encode + scatter.
+
+Same shapes for every path, measured side by side in one run (random SAE, Qwen3-1.7B-sized by default:
+d_in 2048, d_sae 32768, k 50, N = 16,384 tokens). Peak memory is each path's growth of the process's
+peak RSS, measured in a fresh subprocess per path so that one path's allocations cannot hide another's.
+
+    python benchmarks/encode.py [--tokens 16384] [--d-in 2048] [--d-sae 32768] [--k 50] [--repeats 3]
+
+The last line is one JSON object with `sparse_vs_matmul` (throughput ratio, higher is better; target
+>= 0.9) and `sparse_mem_vs_dense` (peak-memory ratio, lower is better; target < 0.1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from qscope_rl import SparseAutoencoder
+
+
+def make_inputs(tokens: int, d_in: int, d_sae: int, k: int):
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(d_in, d_sae, architecture="topk", k=k)
+    with torch.no_grad():
+        sae.W_enc.normal_(std=d_in**-0.5)
+        sae.W_dec.copy_(sae.W_enc.T)
+    return sae, torch.randn(tokens, d_in)
+
+
+def run_path(name: str, sae: SparseAutoencoder, x: torch.Tensor):
+    if name == "matmul":
+        return F.linear(x, sae.W_enc)  # the bare x @ W_enc.T: the cost floor of any encoder
+    if name == "dense":
+        return sae.encode(x)  # dense pre-activations, top-k, scatter into a dense (N, d_sae) tensor
+    return sae.encode_sparse(x)
+
+
+def peak_rss_bytes() -> int:
+    # VmHWM is this process's own high-water mark; ru_maxrss would inherit the parent's across fork.
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status: peak memory needs Linux")
+
+
+def measure_memory(args) -> None:
+    """Child process: set up, then report the growth of peak RSS caused by one path."""
+    sae, x = make_inputs(args.tokens, args.d_in, args.d_sae, args.k)
+    run_path(args.path, sae, x[:64])  # warm up kernels and thread pools outside the measurement
+    before = peak_rss_bytes()
+    with torch.no_grad():
+        out = run_path(args.path, sae, x)
+    print(json.dumps({"peak_growth_bytes": peak_rss_bytes() - before}))
+    del out
+
+
+def memory_of(path: str, args) -> int:
+    cmd = [sys.executable, __file__, "--child", path, "--tokens", str(args.tokens), "--d-in", str(args.d_in),
+           "--d-sae", str(args.d_sae), "--k", str(args.k)]
+    result = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])["peak_growth_bytes"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tokens", type=int, default=16384)
+    parser.add_argument("--d-in", type=int, default=2048)
+    parser.add_argument("--d-sae", type=int, default=32768)
+    parser.add_argument("--k", type=int, default=50)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--child", dest="path", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.path:
+        return measure_memory(args)
+
+    sae, x = make_inputs(args.tokens, args.d_in, args.d_sae, args.k)
+    print(f"shapes: N={args.tokens} tokens, d_in={args.d_in}, d_sae={args.d_sae}, k={args.k}, "
+          f"threads={torch.get_num_threads()}")
+    paths = ("matmul", "dense", "sparse")
+    times = {p: [] for p in paths}
+    with torch.no_grad():
+        for p in paths:
+            run_path(p, sae, x[:256])
+        for r in range(args.repeats):  # interleave paths so that machine noise hits all of them
+            for p in paths:
+                start = time.perf_counter()
+                out = run_path(p, sae, x)
+                times[p].append(time.perf_counter() - start)
+                del out
+            print(f"repeat {r + 1}/{args.repeats}: " + ", ".join(f"{p} {times[p][-1]:.2f}s" for p in paths),
+                  flush=True)
+    best = {p: min(t) for p, t in times.items()}
+    memory = {p: memory_of(p, args) for p in paths}
+    print(f"{'path':<8} {'best s':>8} {'Mtok/s':>8} {'peak MiB':>9}")
+    for p in paths:
+        print(f"{p:<8} {best[p]:>8.3f} {args.tokens / best[p] / 1e6:>8.3f} {memory[p] / 2**20:>9.0f}")
+    result = {
+        "sparse_vs_matmul": round(best["matmul"] / best["sparse"], 3),
+        "sparse_vs_dense": round(best["dense"] / best["sparse"], 3),
+        "sparse_mem_vs_dense": round(memory["sparse"] / memory["dense"], 4),
+        "peak_mib": {p: round(m / 2**20, 1) for p, m in memory.items()},
+        "tokens": args.tokens, "d_in": args.d_in, "d_sae": args.d_sae, "k": args.k,
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

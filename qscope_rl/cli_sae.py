@@ -1,0 +1,49 @@
+"""``qscope-rl releases`` and ``qscope-rl sae-info``: what SAEs exist, and what one on disk holds."""
+
+from __future__ import annotations
+
+from .loaders import load_sae
+from .releases import QWEN_SCOPE_RELEASES
+
+
+def register(subparsers) -> None:
+    releases = subparsers.add_parser("releases", help="list the Qwen-Scope SAE releases")
+    releases.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    releases.set_defaults(func=_releases)
+
+    info = subparsers.add_parser("sae-info", help="load an SAE and print its shape and statistics")
+    info.add_argument("source", help="local folder/file, Hub repo id, or model name")
+    info.add_argument("--layer", type=int, default=None)
+    info.add_argument("--k", type=int, default=None)
+    info.add_argument("--json", action="store_true")
+    info.set_defaults(func=_sae_info)
+
+
+def _releases(args) -> None:
+    from .cli import print_json
+
+    rows = [dict(repo_id=r.repo_id, model=r.model, layers=r.num_layers, d_model=r.d_model,
+                 d_sae=r.d_sae, k=r.k) for r in QWEN_SCOPE_RELEASES]
+    if args.json:
+        print_json(rows)
+        return
+    print(f"{'repo':<52} {'layers':>6} {'d_model':>7} {'d_sae':>7} {'k':>4}")
+    for row in rows:
+        print(f"{row['repo_id']:<52} {row['layers']:>6} {row['d_model']:>7} {row['d_sae']:>7} {row['k']:>4}")
+
+
+def _sae_info(args) -> None:
+    from .cli import print_json
+
+    sae = load_sae(args.source, args.layer, k=args.k)
+    norms = sae.W_dec.norm(dim=0)
+    info = dict(source=sae.source, architecture=sae.architecture, layer=sae.layer, d_in=sae.d_in,
+                d_sae=sae.d_sae, k=sae.k, dtype=str(sae.W_enc.dtype).removeprefix("torch."),
+                apply_b_dec_to_input=sae.apply_b_dec_to_input,
+                decoder_norm_mean=float(norms.mean()), decoder_norm_std=float(norms.std()),
+                parameters=sum(p.numel() for p in sae.parameters()))
+    if args.json:
+        print_json(info)
+    else:
+        for key, value in info.items():
+            print(f"{key:>22}: {value}")

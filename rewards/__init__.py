@@ -1,0 +1,1 @@
+"""Reward functions following TRL's reward contract (``qscope_rl.rewards``)."""

@@ -1,0 +1,1 @@
+"""TRL trainer subclasses and callbacks that put SAE features into training (``qscope_rl.trainers``)."""
