@@ -1,0 +1,69 @@
+"""`qscope-rl world build|info`: build the demo world or print its stats.
+
+Wired into the `qscope-rl` console script through `register`; also runnable on its own:
+`python -m qscope_rl.world.cli world build --size test`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .build import SIZES, build_world, load_world
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--size", choices=SIZES, default="default", help="which world (default: %(default)s)")
+    parser.add_argument(
+        "--cache-dir",
+        default=None,
+        help="cache root; the world goes in <root>/world/<size>-<hash> "
+        "(default: $QSCOPE_RL_CACHE, else ~/.cache/qscope-rl)",
+    )
+
+
+def _build(args: argparse.Namespace) -> int:
+    path = build_world(args.size, cache_dir=args.cache_dir, force=args.force)
+    stats = load_world(args.size, cache_dir=args.cache_dir).stats
+    print(f"world {args.size} at {path}")
+    for key in ("code_switch_rate_en", "code_switch_rate_zh", "loop_rate", "topic_reward_mean", "sae_fvu",
+                "sae_dead_fraction", "lm_heldout_loss", "build_seconds"):  # fmt: skip
+        print(f"  {key:22s} {stats[key]:.4g}")
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    world = load_world(args.size, cache_dir=args.cache_dir)
+    if args.json:
+        print(json.dumps(world.stats, indent=2))
+    else:
+        print(f"world {args.size} at {world.path}")
+        for key, value in world.stats.items():
+            print(f"  {key:28s} {value}")
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add the `world` subcommand (with `build` and `info`) to a `qscope-rl` subparsers object."""
+    world = subparsers.add_parser("world", help="the embedded demo world (tiny bilingual Qwen3 + SAE)")
+    actions = world.add_subparsers(dest="world_command", required=True)
+    build = actions.add_parser("build", help="build the world unless cached (progress on stderr)")
+    _add_common(build)
+    build.add_argument("--force", action="store_true", help="rebuild even if cached")
+    build.set_defaults(func=_build)
+    info = actions.add_parser("info", help="print the world's stats (builds it first if needed)")
+    _add_common(info)
+    info.add_argument("--json", action="store_true", help="print the stats as JSON")
+    info.set_defaults(func=_info)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="qscope-rl")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""Feature packs of the demo world, discovered once from its training documents and cached beside it.
+
+- ``en`` / ``zh``: language features by monolinguality score (SASFT), from clean monolingual documents;
+  the pack of the language a prompt is NOT in is the unwanted-language pack (``zh`` for English prompts).
+- ``repetition``: features of "this span repeats", from loops built out of the same documents.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..discovery import discover_language_features, discover_repetition_features
+from ..feature_pack import FeaturePack
+from ..loaders import load_sae
+from .world import World
+
+PACK_NAMES = ("en", "zh", "repetition")
+
+
+def world_pack_files(world: World, top_k: int = 16, force: bool = False) -> dict[str, Path]:
+    """Paths of the world's feature packs, discovering and caching them on first use."""
+    folder = world.path / "packs"
+    paths = {name: folder / f"{name}.json" for name in PACK_NAMES}
+    if not force and all(path.exists() for path in paths.values()):
+        return paths
+    sae = load_sae(world.sae_dir, layer=world.layer)
+    clean = [d for d in world.documents("train") if d.switch_char is None and d.loop_char is None]
+    texts_by_lang = {lang: [d.text for d in clean if d.lang == lang] for lang in ("en", "zh")}
+    model_name = f"qscope-rl demo world ({world.path.name})"
+    packs = discover_language_features(world.model, world.tokenizer, sae, texts_by_lang, top_k=top_k,
+                                       model_name=model_name)
+    packs["repetition"] = discover_repetition_features(world.model, world.tokenizer, sae, [d.text for d in clean],
+                                                       top_k=top_k, model_name=model_name)
+    for name, path in paths.items():
+        packs[name].save(path)
+    return paths
+
+
+def world_packs(world: World, top_k: int = 16) -> dict[str, FeaturePack]:
+    """The world's feature packs, loaded (see `world_pack_files`)."""
+    return {name: FeaturePack.load(path) for name, path in world_pack_files(world, top_k).items()}
