@@ -1,0 +1,36 @@
+"""Reward functions by name: a plain dict, with a dotted-import-path fallback for your own."""
+
+from __future__ import annotations
+
+import importlib
+
+from .language_consistency import LanguageConsistencyReward
+from .ngram_repetition import NgramRepetitionPenalty
+from .sae_rewards import SAECodeSwitchPenalty, SAEFeatureReward, SAERepetitionPenalty
+
+REWARD_FUNCS = {
+    "language_consistency": LanguageConsistencyReward,
+    "ngram_repetition": NgramRepetitionPenalty,
+    "sae_code_switch": SAECodeSwitchPenalty,
+    "sae_repetition": SAERepetitionPenalty,
+    "sae_feature": SAEFeatureReward,
+}
+
+
+def get_reward_func(name: str, **kwargs):
+    """Build a reward by registry name (``"ngram_repetition"``) or dotted path (``"my_pkg.rewards:MyReward"``
+    or ``"my_pkg.rewards.my_function"``). Classes are instantiated with ``kwargs``; functions are returned."""
+    if name in REWARD_FUNCS:
+        return REWARD_FUNCS[name](**kwargs)
+    if "." not in name and ":" not in name:
+        raise ValueError(f"unknown reward {name!r}; known rewards: {sorted(REWARD_FUNCS)} (or a dotted import path)")
+    module_name, _, attr = name.replace(":", ".").rpartition(".")
+    try:
+        obj = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"cannot import reward {name!r}: {err}") from err
+    if isinstance(obj, type):
+        return obj(**kwargs)
+    if kwargs:
+        raise ValueError(f"reward {name!r} is a function: it takes no settings, got {sorted(kwargs)}")
+    return obj

@@ -1,0 +1,104 @@
+"""Rewards from SAE features of the rollouts, computed from the ``sae_activations`` column that the SAE
+trainers add to every reward call (one `CompletionActivations` per completion, aligned to its tokens).
+
+Write your own by reading the same column::
+
+    def my_reward(completions, sae_activations, **kwargs):
+        return [float(acts.values.sum()) for acts in sae_activations]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from qscope_rl.detection import code_switch_scores, repetition_scores
+from qscope_rl.feature_pack import FeaturePack
+
+
+def _activations(kwargs, name: str):
+    if "sae_activations" not in kwargs:
+        raise ValueError(f"{name} needs the `sae_activations` column, which SAEGRPOTrainer / SAERLOOTrainer add "
+                         f"when `sae_source` is set")
+    return kwargs["sae_activations"]
+
+
+def _pack(pack: FeaturePack | str) -> FeaturePack:
+    return pack if isinstance(pack, FeaturePack) else FeaturePack.load(pack)
+
+
+class SAECodeSwitchPenalty:
+    """``-weight * score``, score = the per-completion code-switch score of the unwanted language's features.
+
+    ``use_pre=True`` scores the features' pre-activations, which rise one token before the switch.
+
+    Example::
+
+        SAECodeSwitchPenalty("packs/zh.json", weight=1.0)   # penalise Chinese in English rollouts
+    """
+
+    __name__ = "sae_code_switch"
+
+    def __init__(self, feature_pack: FeaturePack | str, weight: float = 1.0, use_pre: bool = False,
+                 threshold: float = 0.0):
+        self.feature_pack = _pack(feature_pack)
+        self.weight, self.use_pre, self.threshold = weight, use_pre, threshold
+
+    def __call__(self, completions, **kwargs) -> list[float]:
+        rewards = []
+        for acts in _activations(kwargs, self.__name__):
+            scores = code_switch_scores(acts, self.feature_pack, use_pre=self.use_pre, threshold=self.threshold)
+            rewards.append(-self.weight * float(scores.per_completion[0]))
+        return rewards
+
+
+class SAERepetitionPenalty:
+    """``-weight * score``, score = the per-completion repetition score of a repetition feature pack.
+
+    Qwen-Scope does NOT penalise repetition features directly (they also fire on benign repetition); this
+    reward is here to compare against amplified sampling, as the demo's arms do.
+    """
+
+    __name__ = "sae_repetition"
+
+    def __init__(self, feature_pack: FeaturePack | str, weight: float = 1.0):
+        self.feature_pack = _pack(feature_pack)
+        self.weight = weight
+
+    def __call__(self, completions, **kwargs) -> list[float]:
+        return [-self.weight * float(repetition_scores(acts, self.feature_pack).per_completion[0])
+                for acts in _activations(kwargs, self.__name__)]
+
+
+class SAEFeatureReward:
+    """``sum_j w_j * reduce_t a_j(t)`` over completion tokens t: a generic weighted feature reward.
+
+    ``features`` maps feature id to weight (negative weights penalise); ``reduce`` is "mean" or "max".
+
+    Example::
+
+        SAEFeatureReward({1234: 1.0, 99: -0.5}, reduce="max")
+    """
+
+    __name__ = "sae_feature"
+
+    def __init__(self, features: Mapping[int, float], reduce: str = "mean"):
+        if not features:
+            raise ValueError("SAEFeatureReward needs at least one feature weight")
+        if reduce not in ("mean", "max"):
+            raise ValueError(f"reduce must be 'mean' or 'max', got {reduce!r}")
+        self.ids = torch.tensor([int(i) for i in features])
+        self.weights = torch.tensor([float(w) for w in features.values()])
+        self.reduce = reduce
+
+    def __call__(self, completions, **kwargs) -> list[float]:
+        rewards = []
+        for acts in _activations(kwargs, self.__name__):
+            per_token = acts.completion(0).features(self.ids)  # (T, f)
+            if per_token.shape[0] == 0:
+                rewards.append(0.0)
+                continue
+            pooled = per_token.mean(0) if self.reduce == "mean" else per_token.max(0).values
+            rewards.append(float((pooled.cpu() * self.weights).sum()))
+        return rewards

@@ -1,0 +1,217 @@
+"""SAEGRPOTrainer on the test-size demo world: trains, logs sae/*, aligns activations, amplifies, refuses bad input."""
+
+import copy
+import inspect
+import pickle
+
+import pytest
+import torch
+import trl
+from datasets import Dataset
+from torch.testing import assert_close
+
+from qscope_rl import SparseActs, SparseAutoencoder, capture_residual, load_sae
+from qscope_rl.aux_loss import FeatureAuxLoss, residual_for_loss
+from qscope_rl.feature_pack import FeaturePackError
+from qscope_rl.judges import ngram_repeat_ratio
+from qscope_rl.rewards import (
+    LanguageConsistencyReward,
+    NgramRepetitionPenalty,
+    SAECodeSwitchPenalty,
+    SAEFeatureReward,
+    SAERepetitionPenalty,
+    get_reward_func,
+)
+from qscope_rl.trainers import SAEGRPOConfig, SAEGRPOTrainer
+
+
+class RecordingReward:
+    """Keeps what the trainer hands to reward functions, for the alignment and amplification checks."""
+
+    __name__ = "recording"
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, prompts, completions, completion_ids, **kwargs):
+        self.calls.append(dict(prompts=prompts, completions=completions, completion_ids=completion_ids,
+                               acts=kwargs.get("sae_activations"), amplified=kwargs.get("sae_amplified")))
+        return [0.0] * len(completions)
+
+
+def prompt_dataset(world, n=8, lang="en"):
+    prompts = world.prompts("train", lang=lang)[:n]
+    return Dataset.from_dict({"prompt": [p.text for p in prompts], "lang": [p.lang for p in prompts],
+                              "topic": [p.topic for p in prompts]})
+
+
+def make_config(tmp_path, **overrides):
+    base = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, num_generations=4,
+                max_completion_length=12, max_steps=2, learning_rate=5e-4, bf16=False, report_to="none",
+                logging_steps=1, save_strategy="no", use_cpu=True, seed=0, gradient_checkpointing=False)
+    base.update(overrides)
+    return SAEGRPOConfig(**base)
+
+
+def make_trainer(world, tmp_path, reward_funcs, **overrides):
+    return SAEGRPOTrainer(model=copy.deepcopy(world.model), reward_funcs=reward_funcs,
+                          args=make_config(tmp_path, **overrides), train_dataset=prompt_dataset(world),
+                          processing_class=world.tokenizer)
+
+
+def sae_fields(world, packs, **extra):
+    return dict(sae_source=str(world.sae_dir), sae_layer=world.layer, code_switch_pack=str(packs["zh"]),
+                repetition_pack=str(packs["repetition"]), **extra)
+
+
+@pytest.mark.slow
+def test_trainer_trains_and_logs_sae_metrics(world, pack_files, tmp_path):
+    trainer = make_trainer(world, tmp_path,
+                           [LanguageConsistencyReward(), SAECodeSwitchPenalty(pack_files["zh"])],
+                           **sae_fields(world, pack_files, aux_loss_weight=0.1, gradient_checkpointing=True))
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    trainer.train()
+    logs = trainer.state.log_history
+    assert any("loss" in entry for entry in logs)
+    keys = set().union(*logs)
+    for key in ("sae/code_switch_rate", "sae/repetition_rate", "sae/aux_loss", "sae/top_feature_0/id",
+                "rewards/sae_code_switch/mean"):
+        assert key in keys, key
+    assert any(not torch.equal(b, p) for b, p in zip(before, trainer.model.parameters()))
+    assert not any(n.startswith("sae") for n, _ in trainer.model.named_parameters())  # SAE stays outside
+
+
+def test_rewards_receive_aligned_activations(world, pack_files, tmp_path):
+    recorder = RecordingReward()
+    trainer = make_trainer(world, tmp_path, [recorder], max_steps=1, **sae_fields(world, pack_files))
+    trainer.train()
+    call = recorder.calls[0]
+    sae = load_sae(world.sae_dir, layer=world.layer)
+    model = world.model
+    checked = 0
+    for prompt, ids, acts in zip(call["prompts"], call["completion_ids"], call["acts"]):
+        prompt_ids = world.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        full = torch.tensor([prompt_ids + ids])
+        with torch.no_grad(), capture_residual(model, world.layer) as cap:
+            model(input_ids=full)
+        reference = sae.encode(cap.last[0, len(prompt_ids):])  # (T, d_sae): a separate forward pass
+        n = len(ids)
+        ours = SparseActs(acts.values[0, :n], acts.indices[0, :n]).to_dense(sae.d_sae)
+        mask = acts.mask[0, :n]
+        assert acts.values.shape[1] == n and mask[: n - 1].all()  # only the last sampled token may lack a residual
+        assert_close(ours[mask], reference[mask], rtol=1e-3, atol=1e-3)
+        checked += int(mask.sum())
+    assert checked > 0
+
+
+def test_amplification_steers_m_rows_per_group_and_they_repeat_more(world, pack_files, tmp_path):
+    recorder = RecordingReward()
+    trainer = make_trainer(world, tmp_path, [recorder], max_steps=2, num_generations=4,
+                           per_device_train_batch_size=8, max_completion_length=24,
+                           sae_source=str(world.sae_dir), sae_layer=world.layer,
+                           amplify_pack=str(pack_files["repetition"]), amplify_alpha=12.0, amplify_top_n=2,
+                           amplify_num_rollouts=1)
+    trainer.train()
+    amplified, normal = [], []
+    for call in recorder.calls:
+        flags = torch.tensor(call["amplified"])
+        assert (flags.view(-1, 4).sum(1) == 1).all()  # exactly m = 1 per group of 4
+        for text, flag in zip(call["completions"], flags.tolist()):
+            (amplified if flag else normal).append(ngram_repeat_ratio(text, n=2))
+    assert sum(amplified) / len(amplified) > sum(normal) / len(normal)
+    logs = set().union(*trainer.state.log_history)
+    assert {"sae/reward_amplified", "sae/reward_normal", "sae/amplified_fraction"} <= logs
+
+
+def test_aux_loss_has_gradients_and_lowers_target_pre_activations(world, packs):
+    model = copy.deepcopy(world.model).train()
+    sae = load_sae(world.sae_dir, layer=world.layer)
+    pack = packs["zh"]
+    aux = FeatureAuxLoss(sae, pack.ids, alphas=None, weight=1.0)  # alpha = 0: push every pre-act below 0
+    batch = world.tokenizer([d.text for d in world.documents("train")[:8]], return_tensors="pt", padding=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    values = []
+    for _ in range(4):
+        with residual_for_loss(model, world.layer) as cap:
+            model(**batch)
+        loss = aux(cap.last, batch["attention_mask"])
+        optimizer.zero_grad()
+        loss.backward()
+        grad = sum(p.grad.abs().sum() for p in model.parameters() if p.grad is not None)
+        assert grad > 0
+        optimizer.step()
+        values.append(loss.item())
+    assert values[-1] < values[0]
+
+
+def test_rewards_pickle_and_resolve_by_name(packs, pack_files):
+    rewards = [LanguageConsistencyReward("en"), NgramRepetitionPenalty(), SAECodeSwitchPenalty(pack_files["zh"]),
+               SAERepetitionPenalty(packs["repetition"]), SAEFeatureReward({1: 1.0})]
+    for reward in rewards:
+        clone = pickle.loads(pickle.dumps(reward))
+        assert clone.__name__ == reward.__name__
+    assert get_reward_func("ngram_repetition", n=2).n == 2
+    assert get_reward_func("qscope_rl.rewards:LanguageConsistencyReward", target="zh").target == "zh"
+    with pytest.raises(ValueError, match="unknown reward 'nope'; known rewards"):
+        get_reward_func("nope")
+    with pytest.raises(ValueError, match="needs the `sae_activations` column"):
+        SAECodeSwitchPenalty(pack_files["zh"])(completions=["x"])
+
+
+def test_without_sae_it_is_grpo(world, tmp_path):
+    reward = LanguageConsistencyReward()
+    ours = make_trainer(world, tmp_path / "ours", [reward], max_steps=1)
+    ours.train()
+    base_args = trl.GRPOConfig(output_dir=str(tmp_path / "base"), per_device_train_batch_size=4, num_generations=4,
+                               max_completion_length=12, max_steps=1, learning_rate=5e-4, bf16=False,
+                               report_to="none", logging_steps=1, save_strategy="no", use_cpu=True, seed=0,
+                               gradient_checkpointing=False)
+    base = trl.GRPOTrainer(model=copy.deepcopy(world.model), reward_funcs=[reward], args=base_args,
+                           train_dataset=prompt_dataset(world), processing_class=world.tokenizer)
+    base.train()
+    assert set(ours.state.log_history[0]) == set(base.state.log_history[0])
+    assert ours.sae is None
+
+
+def test_bad_input_is_refused_at_construction(world, packs, pack_files, tmp_path):
+    with pytest.raises(ValueError, match="layer 99 does not exist"):
+        make_trainer(world, tmp_path, [NgramRepetitionPenalty()], sae_source=str(world.sae_dir), sae_layer=99)
+    wrong = tmp_path / "SAE-Res-Wrong-W64-L0_4"
+    wrong.mkdir()
+    d = world.model.config.hidden_size + 8
+    torch.save({"W_enc": torch.randn(64, d), "b_enc": torch.zeros(64), "W_dec": torch.randn(d, 64),
+                "b_dec": torch.zeros(d)}, wrong / f"layer{world.layer}.sae.pt")
+    with pytest.raises(ValueError, match="d_in=.*hidden size"):
+        make_trainer(world, tmp_path, [NgramRepetitionPenalty()], sae_source=str(wrong), sae_layer=world.layer)
+    other = packs["zh"].top(2)
+    other.d_sae = other.d_sae * 2
+    other_path = other.save(tmp_path / "other.json")
+    with pytest.raises(FeaturePackError, match="from another SAE"):
+        make_trainer(world, tmp_path, [NgramRepetitionPenalty()], sae_source=str(world.sae_dir),
+                     sae_layer=world.layer, code_switch_pack=str(other_path))
+    with pytest.raises(ValueError, match="num_generations >= 2"):
+        make_config(tmp_path, sae_source=str(world.sae_dir), amplify_pack=str(pack_files["repetition"]),
+                    num_generations=1, per_device_train_batch_size=1)
+    with pytest.raises(ValueError, match="need sae_source"):
+        make_config(tmp_path, code_switch_pack=str(pack_files["zh"]))
+
+
+def test_trl_private_methods_we_override_are_there():
+    """We override private GRPOTrainer methods: fail loudly if TRL changes them under us."""
+    assert trl.__version__.startswith("1.16."), f"qscope-rl is tested with TRL 1.16, found {trl.__version__}"
+    expected = {
+        "_generate_single_turn": ["self", "prompt_ids", "images", "multimodal_fields", "num_generations",
+                                  "has_tool_images"],
+        "_generate": ["self", "prompts"],
+        "_calculate_rewards": ["self", "inputs", "prompts", "completions", "completion_ids_list"],
+        "_compute_loss": ["self", "model", "inputs"],
+        "_save_checkpoint": ["self", "model", "trial"],
+    }
+    for name, params in expected.items():
+        assert list(inspect.signature(getattr(trl.GRPOTrainer, name)).parameters) == params, name
+    assert trl.GRPOTrainer.loss_is_scaled_for_ga is True
+
+
+def test_sae_is_frozen_outside_the_model(world):
+    sae = load_sae(world.sae_dir, layer=world.layer)
+    assert isinstance(sae, SparseAutoencoder) and not any(p.requires_grad for p in sae.parameters())

@@ -1,0 +1,109 @@
+"""SAE settings shared by the SAE trainers, and `SAEGRPOConfig`.
+
+`SAEArguments` holds only what the SAE machinery reads; each trainer config mixes it into TRL's own config,
+so every TRL field still works and can be overridden from the command line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trl import GRPOConfig, RLOOConfig
+
+CAPTURE_MODES = ("auto", "generation", "forward")
+
+
+@dataclass
+class SAEArguments:
+    """The SAE fields of an SAE trainer config. With `sae_source=None` the trainer is its TRL parent."""
+
+    sae_source: str | None = field(
+        default=None,
+        metadata={"help": "SAE to load with qscope_rl.load_sae: a local folder, a Hub repo id or a model name. "
+                  "None disables every SAE feature."},
+    )
+    sae_layer: int | None = field(default=None, metadata={"help": "Decoder layer whose output the SAE reads."})
+    sae_k: int | None = field(default=None, metadata={"help": "Override the SAE's k (TopK)."})
+    sae_dtype: str | None = field(
+        default=None, metadata={"help": "dtype of the frozen SAE (float32, bfloat16); default: as stored."})
+    sae_capture: str = field(
+        default="auto",
+        metadata={"help": "How rollouts are encoded: 'generation' captures the residual during HF generate (no "
+                  "extra forward), 'forward' runs one no-grad forward that stops after the SAE layer (vLLM, "
+                  "tools), 'auto' picks 'generation' when it can."},
+    )
+    code_switch_pack: str | None = field(
+        default=None,
+        metadata={"help": "Feature pack (JSON) of the UNWANTED language's features: drives sae/code_switch_rate "
+                  "and is the default pack of the auxiliary loss."},
+    )
+    repetition_pack: str | None = field(
+        default=None, metadata={"help": "Feature pack (JSON) of repetition features: drives sae/repetition_rate."})
+    sae_detect_threshold: float = field(
+        default=0.0, metadata={"help": "A completion counts as flagged when its SAE score exceeds this."})
+    aux_loss_weight: float = field(
+        default=0.0,
+        metadata={"help": "lambda of the SASFT term lambda * sum_s ReLU(pre_s - alpha_s) on completion tokens; "
+                  "0 disables it."},
+    )
+    aux_loss_pack: str | None = field(
+        default=None, metadata={"help": "Features of the auxiliary loss; default: code_switch_pack."})
+    aux_loss_use_alpha: bool = field(
+        default=True,
+        metadata={"help": "Subtract each feature's mean pre-activation (SASFT alpha); False suppresses any "
+                  "positive pre-activation (generic suppression)."},
+    )
+    amplify_pack: str | None = field(
+        default=None,
+        metadata={"help": "Feature pack to amplify in a few rollouts per group (Qwen-Scope RL recipe), e.g. a "
+                  "repetition pack. None disables amplified sampling."},
+    )
+    amplify_alpha: float = field(
+        default=4.0, metadata={"help": "Strength alpha of h + alpha * d for each amplified feature."})
+    amplify_top_n: int = field(default=1, metadata={"help": "How many of the pack's top features to amplify."})
+    amplify_num_rollouts: int = field(
+        default=1, metadata={"help": "m: rollouts per group of num_generations generated with amplification."})
+    sae_log_top_features: int = field(
+        default=3, metadata={"help": "How many of the most active problem features to log each step."})
+
+    def validate_sae_args(self, num_generations: int | None) -> None:
+        if self.sae_capture not in CAPTURE_MODES:
+            raise ValueError(f"sae_capture={self.sae_capture!r}: expected one of {CAPTURE_MODES}")
+        uses_sae = any([self.code_switch_pack, self.repetition_pack, self.aux_loss_weight, self.amplify_pack])
+        if uses_sae and self.sae_source is None:
+            raise ValueError("code_switch_pack / repetition_pack / aux_loss_weight / amplify_pack need sae_source")
+        if self.sae_source is None:
+            return
+        if self.sae_dtype not in (None, "float32", "bfloat16", "float16"):
+            raise ValueError(f"sae_dtype={self.sae_dtype!r}: expected float32, bfloat16 or float16")
+        if self.aux_loss_weight < 0:
+            raise ValueError(f"aux_loss_weight must be >= 0, got {self.aux_loss_weight}")
+        if self.aux_loss_weight > 0 and not (self.aux_loss_pack or self.code_switch_pack):
+            raise ValueError("aux_loss_weight > 0 needs aux_loss_pack or code_switch_pack")
+        if self.amplify_pack is not None:
+            if num_generations is not None and num_generations < 2:
+                raise ValueError(f"amplified sampling needs num_generations >= 2 (got {num_generations}): each "
+                                 f"group must keep normal rollouts beside the amplified ones")
+            if not 1 <= self.amplify_num_rollouts < (num_generations or 2):
+                raise ValueError(f"amplify_num_rollouts must be in 1..num_generations-1, got "
+                                 f"{self.amplify_num_rollouts} with num_generations={num_generations}")
+            if self.amplify_top_n < 1:
+                raise ValueError(f"amplify_top_n must be >= 1, got {self.amplify_top_n}")
+
+
+@dataclass
+class SAEGRPOConfig(GRPOConfig, SAEArguments):
+    """`trl.GRPOConfig` plus the SAE fields of `SAEArguments`."""
+
+    def __post_init__(self):
+        self.validate_sae_args(self.num_generations)  # before TRL's checks, so SAE errors name SAE fields
+        super().__post_init__()
+
+
+@dataclass
+class SAERLOOConfig(RLOOConfig, SAEArguments):
+    """`trl.RLOOConfig` plus the SAE fields of `SAEArguments`."""
+
+    def __post_init__(self):
+        self.validate_sae_args(self.num_generations)  # before TRL's checks, so SAE errors name SAE fields
+        super().__post_init__()

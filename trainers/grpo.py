@@ -1,0 +1,37 @@
+"""`SAEGRPOTrainer`: `trl.GRPOTrainer` with SAE-encoded rollouts, SAE rewards, an auxiliary loss and
+amplified sampling.
+
+What differs from the parent: generation runs inside hooks that capture the layer-L residual (no extra
+forward pass on the plain HF path) and add ``alpha * d`` to m rollouts of every group (the Qwen-Scope RL
+recipe); the rest (encoding, reward kwargs, `sae/*` metrics, auxiliary loss, checkpoint sidecar) comes
+from `SAETrainerMixin`. With `sae_source=None` every override defers to the parent: it is `GRPOTrainer`.
+
+Departures from the papers: Qwen-Scope's RL recipe uses DAPO; here any TRL loss type works, and the
+amplified rollouts are treated as on-policy samples (TRL's `old_per_token_logps` is the detached current
+policy when `num_iterations=1`), which is what the recipe does on purpose.
+"""
+
+from __future__ import annotations
+
+from trl import GRPOTrainer
+
+from .config import SAEGRPOConfig
+from .sae_mixin import SAETrainerMixin
+
+
+class SAEGRPOTrainer(SAETrainerMixin, GRPOTrainer):
+    _tag_names = ["trl", "grpo", "qscope-rl", "sae"]
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.args, SAEGRPOConfig):
+            raise TypeError(f"SAEGRPOTrainer needs an SAEGRPOConfig, got {type(self.args).__name__}")
+        self._init_sae()
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        if self.sae is None:
+            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations,
+                                                 has_tool_images)
+        with self._rollout_hooks(len(prompt_ids), num_generations):
+            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations,
+                                                 has_tool_images)

@@ -1,0 +1,31 @@
+"""`SAERLOOTrainer`: `trl.RLOOTrainer` with the same SAE rewards, auxiliary loss and amplified sampling as
+`SAEGRPOTrainer` (see its docstring); the overrides are the same small methods.
+
+Difference that matters: RLOO does not pre-scale its loss for gradient accumulation
+(`loss_is_scaled_for_ga = False`), so the auxiliary term is added unscaled and transformers' Trainer
+divides the sum; the shared mixin reads the flag. RLOO's `_generate_single_turn` takes no
+`num_generations`: it always samples `self.num_generations` per prompt.
+"""
+
+from __future__ import annotations
+
+from trl import RLOOTrainer
+
+from .config import SAERLOOConfig
+from .sae_mixin import SAETrainerMixin
+
+
+class SAERLOOTrainer(SAETrainerMixin, RLOOTrainer):
+    _tag_names = ["trl", "rloo", "qscope-rl", "sae"]
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.args, SAERLOOConfig):
+            raise TypeError(f"SAERLOOTrainer needs an SAERLOOConfig, got {type(self.args).__name__}")
+        self._init_sae()
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields):
+        if self.sae is None:
+            return super()._generate_single_turn(prompt_ids, images, multimodal_fields)
+        with self._rollout_hooks(len(prompt_ids), self.num_generations):
+            return super()._generate_single_turn(prompt_ids, images, multimodal_fields)
