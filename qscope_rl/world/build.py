@@ -42,7 +42,7 @@ from .task import make_prompts
 from .tokenizer import train_tokenizer
 from .world import World
 
-WORLD_VERSION = "1"  # bump when the builder changes what a recipe produces
+WORLD_VERSION = "2"  # bump when the builder changes what a recipe produces
 SIZES = ("default", "test")
 
 
@@ -76,15 +76,21 @@ class WorldRecipe:
     def for_size(cls, size: str) -> WorldRecipe:
         if size == "default":
             return cls()
-        if size == "test":  # smaller everything; still shows both failure modes
+        if size == "test":  # smaller everything; still shows both failure modes, builds in about a minute
             return cls(
                 size="test",
                 corpus=CorpusSpec(words_per_topic=16, n_train_docs=3000, n_heldout_docs=300, n_prompts=96),
+                # half-size batches: the same number of updates at half the compute
                 lm=LMSpec(
-                    vocab_size=1024, hidden_size=96, num_hidden_layers=3, head_dim=24, intermediate_size=256,
+                    vocab_size=1024,
+                    hidden_size=96,
+                    num_hidden_layers=3,
+                    head_dim=24,
+                    intermediate_size=256,
+                    batch_size=16,
                     steps=300,
-                ),  # fmt: skip
-                sae=SAESpec(expansion_factor=4, k=16),
+                ),
+                sae=SAESpec(expansion_factor=4, k=16, epochs=4),
                 eval=EvalSpec(n_prompts_per_lang=96),
             )
         raise ValueError(f"unknown world size {size!r}: choose one of {list(SIZES)}")
@@ -190,10 +196,11 @@ def _build_into(recipe: WorldRecipe, out: Path) -> dict:
     tokenizer.save_pretrained(out / "model")
     stage_done("lm")
 
-    # 3. SAE at the middle layer, trained on train activations, judged on held-out ones
+    # 3. SAE at the middle layer: layer-L activations collected once, trained on train, judged on held-out
     layer, eos = recipe.layer, tokenizer.eos_token_id
     sae_rows = pack_documents(tokenizer, [d.text for d in docs["train"]], recipe.sae.seq_len)
-    sae = train_sae(model, sae_rows, recipe.sae, layer, eos)
+    train_acts = residual_activations(model, sae_rows, layer, eos)  # (N, d_model)
+    sae = train_sae(train_acts, recipe.sae)
     state = to_qwen_scope(sae)
     sae_dir = out / sae_folder_name(f"qscope-world-{recipe.size}", state["W_enc"].shape[0], recipe.sae.k)
     save_qwen_scope(state, sae_dir, layer)
@@ -202,10 +209,10 @@ def _build_into(recipe: WorldRecipe, out: Path) -> dict:
     # "dead" as in sparsify / Gao et al.: never fires over the training tokens as well (a rare latent can
     # miss a small held-out set); the held-out-only share is kept alongside
     sae_stats["sae_dead_fraction_heldout"] = sae_stats.pop("sae_dead_fraction")
-    train_acts = torch.cat([heldout_acts, residual_activations(model, sae_rows, layer, eos)])
-    sae_stats["sae_dead_fraction"] = evaluate_sae(state, train_acts, recipe.sae.k)["sae_dead_fraction"]
-    del train_acts
+    all_acts = torch.cat([heldout_acts, train_acts])
+    sae_stats["sae_dead_fraction"] = evaluate_sae(state, all_acts, recipe.sae.k)["sae_dead_fraction"]
     sae_stats["sae_parity_max_abs_err"] = parity_error(sae, state, heldout_acts[:2048])
+    del train_acts, all_acts
     stage_done("sae")
 
     # 4. the failure modes, measured on the model's own samples by the independent judges
@@ -264,8 +271,6 @@ def _build_into(recipe: WorldRecipe, out: Path) -> dict:
     return stats
 
 
-def load_world(
-    size: str = "default", cache_dir: str | os.PathLike | None = None, force: bool = False
-) -> World:
+def load_world(size: str = "default", cache_dir: str | os.PathLike | None = None, force: bool = False) -> World:
     """The world for `size`: loaded from the cache, built first (with progress bars) if missing."""
     return World(build_world(size, cache_dir=cache_dir, force=force))

@@ -1,7 +1,14 @@
-"""A TopK SAE on the world LM's residual stream, trained with EleutherAI sparsify, saved as Qwen-Scope.
+"""A TopK SAE on the world LM's residual stream: EleutherAI sparsify's `SparseCoder`, saved as Qwen-Scope.
 
-sparsify's `Trainer` does the training (TopK, AuxK dead-latent loss, unit-norm decoder, Signum +
-schedule-free); we then convert its `SparseCoder` to the Qwen-Scope native layout:
+The layer-L activations are collected once (one no-grad forward, `residual_activations`) and the
+`SparseCoder` is trained on them in a short loop (`train_sae`) rather than with sparsify's `Trainer`,
+which re-runs the LM for every batch: on CPU that bought only ~200 steps and left many latents dead.
+What we keep from sparsify / Gao et al. 2024: TopK, `b_dec` initialised to the data mean, unit-norm
+decoder rows with the parallel gradient removed, and the AuxK loss (alpha 1/32, as in Qwen-Scope) on
+latents that have not fired for `dead_feature_threshold` tokens. Differences: Adam with warmup and
+linear decay to zero (not Signum + schedule-free), and many epochs over a small cached set of tokens.
+
+The trained `SparseCoder` is converted to the Qwen-Scope native layout:
 
 - sparsify encodes `topk(relu((x - b_dec) @ W_enc.T + b_enc))`; Qwen-Scope has no `b_dec`
   subtraction, so the encoder bias is folded: `b_enc_qs = b_enc - W_enc @ b_dec`;
@@ -14,11 +21,11 @@ from __future__ import annotations
 
 import contextlib
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 from transformers import Qwen3ForCausalLM
 
 from .model import split_packed
@@ -31,9 +38,11 @@ class SAESpec:
     expansion_factor: int = 8  # d_sae = expansion_factor * d_model
     k: int = 32
     layer: int | None = None  # decoder layer whose output is read; None: the middle layer
-    seq_len: int = 64  # packed rows fed to sparsify (one row = one sequence)
-    batch_size: int = 32  # sequences per step
-    epochs: int = 2  # passes over the training rows (shuffled per epoch)
+    seq_len: int = 64  # packed rows whose non-EOS tokens give the training activations
+    batch_size: int = 1024  # tokens per step
+    epochs: int = 8  # passes over the cached training activations (shuffled per epoch); dead latents fall with more
+    lr: float = 2e-3  # Adam; warmup, then linear decay to zero
+    warmup_steps: int = 50
     auxk_alpha: float = 1 / 32  # Gao et al. 2024, as in Qwen-Scope
     dead_feature_threshold: int = 10_000  # tokens without firing before AuxK revives a latent
     seed: int = 0
@@ -45,35 +54,41 @@ def sae_folder_name(name: str, d_sae: int, k: int) -> str:
     return f"SAE-Res-{name}-W{width}-L0_{k}"
 
 
-def train_sae(model: Qwen3ForCausalLM, rows: torch.Tensor, spec: SAESpec, layer: int, eos_id: int):
-    """Train with sparsify on packed token rows; returns sparsify's SparseCoder (averaged weights)."""
-    from datasets import Dataset
+def train_sae(x: torch.Tensor, spec: SAESpec):
+    """Train a sparsify SparseCoder on cached activations x (N, d_in); returns it in eval mode."""
+    # sparsify prints to stdout on import; keep stdout clean for `--json` users
+    with contextlib.redirect_stdout(sys.stderr):
+        from sparsify import SaeConfig, SparseCoder
 
-    # sparsify prints its progress to stdout (even on import); keep stdout clean for `--json` users
-    with contextlib.redirect_stdout(sys.stderr), tempfile.TemporaryDirectory() as tmp:
-        from sparsify import SaeConfig, SparseCoder, TrainConfig, Trainer
-
-        gen = torch.Generator().manual_seed(spec.seed)
-        input_ids, _ = split_packed(rows, eos_id)
-        # sparsify's DataLoader does not shuffle; we hand it the epochs pre-shuffled
-        order = torch.cat([torch.randperm(len(rows), generator=gen) for _ in range(spec.epochs)])
-        dataset = Dataset.from_dict({"input_ids": input_ids[order].tolist()}).with_format("torch")
-        cfg = TrainConfig(
-            SaeConfig(expansion_factor=spec.expansion_factor, k=spec.k),
-            batch_size=spec.batch_size,
-            layers=[layer],  # hooks model.model.layers[layer]: its output is hidden_states[layer + 1]
-            auxk_alpha=spec.auxk_alpha,
-            dead_feature_threshold=spec.dead_feature_threshold,
-            exclude_tokens=[eos_id],  # separators and padding
-            init_seeds=[spec.seed],
-            save_every=10**9,  # only the final save, which holds the schedule-free averaged weights
-            log_to_wandb=False,
-            save_dir=tmp,
-            run_name="world",
-        )
-        Trainer(cfg, dataset, model).fit()
-        torch.set_float32_matmul_precision("highest")  # fit() switches it to "high"; undo the side effect
-        return SparseCoder.load_from_disk(Path(tmp, "world", f"layers.{layer}"))
+    torch.manual_seed(spec.seed)
+    sae = SparseCoder(x.shape[1], SaeConfig(expansion_factor=spec.expansion_factor, k=spec.k))
+    sae.b_dec.data = x.mean(0)  # centres the pre-activations at init, as sparsify's Trainer does
+    opt = torch.optim.Adam(sae.parameters(), lr=spec.lr)
+    gen = torch.Generator().manual_seed(spec.seed)
+    steps_per_epoch = len(x) // spec.batch_size  # drop the ragged last batch
+    total = spec.epochs * steps_per_epoch
+    tokens_since_fired = torch.zeros(sae.num_latents, dtype=torch.long)
+    bar = tqdm(total=total, desc="world: train SAE", leave=False)
+    for step in range(total):
+        if step % steps_per_epoch == 0:
+            order = torch.randperm(len(x), generator=gen)
+        idx = order[(step % steps_per_epoch) * spec.batch_size :][: spec.batch_size]
+        for group in opt.param_groups:
+            group["lr"] = spec.lr * min((step + 1) / spec.warmup_steps, (total - step) / (total - spec.warmup_steps))
+        dead_mask = tokens_since_fired > spec.dead_feature_threshold
+        out = sae(x[idx], dead_mask=dead_mask)
+        (out.fvu + spec.auxk_alpha * out.auxk_loss).backward()
+        sae.remove_gradient_parallel_to_decoder_directions()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sae.set_decoder_norm_to_unit_norm()
+        tokens_since_fired += spec.batch_size
+        tokens_since_fired[out.latent_indices[out.latent_acts > 0]] = 0
+        bar.update()
+        if step % 100 == 0:
+            bar.set_postfix(fvu=f"{out.fvu.item():.3f}", dead=int(dead_mask.sum()))
+    bar.close()
+    return sae.eval()
 
 
 def to_qwen_scope(sae) -> dict[str, torch.Tensor]:
