@@ -1,6 +1,12 @@
 """qscope-rl: sparse-autoencoder features in TRL post-training (Qwen-Scope and friends)."""
 
-from .hooks import (
+import os
+
+# Passive OpenMP waiting: the spinning threads of concurrent torch processes on a small CPU box slow each
+# other down by orders of magnitude. Only effective before torch is first imported; a user's setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from .hooks import (  # noqa: E402
     ResidualCapture,
     ResidualEdit,
     add_to_residual,
@@ -10,10 +16,10 @@ from .hooks import (
     hidden_size,
     unwrap_model,
 )
-from .loaders import SAELoadError, load_sae
-from .releases import QWEN_SCOPE_RELEASES, Release, find_release
-from .sae import SparseActs, SparseAutoencoder
-from .steering import steer
+from .loaders import SAELoadError, load_sae  # noqa: E402
+from .releases import QWEN_SCOPE_RELEASES, Release, find_release  # noqa: E402
+from .sae import SparseActs, SparseAutoencoder  # noqa: E402
+from .steering import steer  # noqa: E402
 
 __version__ = "0.1.0"
 

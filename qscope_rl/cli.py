@@ -8,7 +8,7 @@ import json
 import sys
 
 # Each module defines `register(subparsers)`; its parsers set `func(args) -> int | None`.
-COMMAND_MODULES = ("qscope_rl.cli_sae", "qscope_rl.world.cli")
+COMMAND_MODULES = ("qscope_rl.cli_sae", "qscope_rl.world.cli", "qscope_rl.cli_features", "qscope_rl.cli_utilities")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -107,9 +107,9 @@ def test_rewards_receive_aligned_activations(world, pack_files, tmp_path):
 def test_amplification_steers_m_rows_per_group_and_they_repeat_more(world, pack_files, tmp_path):
     recorder = RecordingReward()
     trainer = make_trainer(world, tmp_path, [recorder], max_steps=2, num_generations=4,
-                           per_device_train_batch_size=8, max_completion_length=24,
+                           per_device_train_batch_size=16, max_completion_length=32,
                            sae_source=str(world.sae_dir), sae_layer=world.layer,
-                           amplify_pack=str(pack_files["repetition"]), amplify_alpha=12.0, amplify_top_n=2,
+                           amplify_pack=str(pack_files["loop"]), amplify_alpha=10.0, amplify_top_n=2,
                            amplify_num_rollouts=1)
     trainer.train()
     amplified, normal = [], []

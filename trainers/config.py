@@ -1,4 +1,4 @@
-"""SAE settings shared by the SAE trainers, and `SAEGRPOConfig`.
+"""SAE settings shared by the SAE trainers, the RL configs, and `SASFTConfig`.
 
 `SAEArguments` holds only what the SAE machinery reads; each trainer config mixes it into TRL's own config,
 so every TRL field still works and can be overridden from the command line.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from trl import GRPOConfig, RLOOConfig
+from trl import GRPOConfig, RLOOConfig, SFTConfig
 
 CAPTURE_MODES = ("auto", "generation", "forward")
 
@@ -106,4 +106,51 @@ class SAERLOOConfig(RLOOConfig, SAEArguments):
 
     def __post_init__(self):
         self.validate_sae_args(self.num_generations)  # before TRL's checks, so SAE errors name SAE fields
+        super().__post_init__()
+
+
+SASFT_ALPHAS = ("pack", "zero")
+
+
+@dataclass
+class SASFTConfig(SFTConfig):
+    """`trl.SFTConfig` plus what `SASFTTrainer` reads: the SAE, the unwanted-language pack, lambda and alpha."""
+
+    sae_source: str | None = field(
+        default=None,
+        metadata={"help": "SAE to load with qscope_rl.load_sae: a local folder, a Hub repo id or a model name. "
+                  "None makes the trainer plain SFT."},
+    )
+    sae_layer: int | None = field(default=None, metadata={"help": "Decoder layer whose output the SAE reads."})
+    sae_k: int | None = field(default=None, metadata={"help": "Override the SAE's k (TopK)."})
+    sae_dtype: str | None = field(
+        default=None, metadata={"help": "dtype of the frozen SAE (float32, bfloat16); default: as stored."})
+    sasft_pack: str | None = field(
+        default=None,
+        metadata={"help": "Feature pack (JSON) of the UNWANTED language's features, e.g. the 'zh' pack when "
+                  "training on English."},
+    )
+    sasft_top_n: int | None = field(
+        default=None, metadata={"help": "Use only the pack's first n features (default: all of them)."})
+    sasft_lambda: float = field(
+        default=0.1, metadata={"help": "lambda of CE + lambda * sum_s ReLU(pre_s - alpha_s) (label tokens)."})
+    sasft_alpha: str = field(
+        default="pack",
+        metadata={"help": "alpha_s: 'pack' = each feature's mean pre-activation from the pack (SASFT), 'zero' = "
+                  "0 (suppress any positive pre-activation)."},
+    )
+
+    def __post_init__(self):
+        if self.sasft_pack is not None and self.sae_source is None:
+            raise ValueError("sasft_pack needs sae_source")
+        if self.sae_source is not None and self.sasft_pack is None:
+            raise ValueError("sae_source is set but sasft_pack is not: SASFT needs the unwanted-language pack")
+        if self.sasft_lambda < 0:
+            raise ValueError(f"sasft_lambda must be >= 0, got {self.sasft_lambda}")
+        if self.sasft_alpha not in SASFT_ALPHAS:
+            raise ValueError(f"sasft_alpha={self.sasft_alpha!r}: expected one of {SASFT_ALPHAS}")
+        if self.sasft_top_n is not None and self.sasft_top_n < 1:
+            raise ValueError(f"sasft_top_n must be >= 1, got {self.sasft_top_n}")
+        if self.sae_dtype not in (None, "float32", "bfloat16", "float16"):
+            raise ValueError(f"sae_dtype={self.sae_dtype!r}: expected float32, bfloat16 or float16")
         super().__post_init__()

@@ -10,8 +10,8 @@ is configured:
 - `_calculate_rewards`: reward functions also receive ``sae_activations`` (one `CompletionActivations`
   per completion, aligned to its tokens) and ``sae_amplified``; `sae/*` metrics are logged;
 - `_compute_loss`: adds the SASFT / suppression term from a hook on the training forward;
-- `_save_checkpoint` / `train`: the SAE's source, layer and packs are saved beside each checkpoint and
-  checked on resume.
+- `_save_checkpoint` / `train` (from `SAECheckpointMixin`): the SAE's source, layer and packs are saved
+  beside each checkpoint and checked on resume.
 
 The SAE is an attribute of the trainer, not a submodule of the model: it is never saved with the model,
 never trained, and never partitioned by ZeRO.
@@ -19,8 +19,6 @@ never trained, and never partitioned by ZeRO.
 
 from __future__ import annotations
 
-import json
-import os
 from contextlib import ExitStack, contextmanager
 
 import torch
@@ -32,14 +30,15 @@ from qscope_rl.feature_pack import FeaturePack
 from qscope_rl.hooks import add_to_residual, capture_residual, decoder_layer, hidden_size, layer_output
 from qscope_rl.loaders import load_sae
 
-SAE_SIDECAR = "qscope_sae.json"
+from .checkpoint import SAECheckpointMixin
 
 
 class _StopForward(Exception):
     """Raised by a hook to end a forward pass once the SAE layer has run."""
 
 
-class SAETrainerMixin:
+class SAETrainerMixin(SAECheckpointMixin):
+    _sae_pack_fields = ("code_switch_pack", "repetition_pack", "aux_loss_pack", "amplify_pack")
     # Defaults that make every SAE step a no-op until `_init_sae` loads an SAE.
     sae = None
     aux_loss = None
@@ -287,38 +286,6 @@ class SAETrainerMixin:
         self._metrics[mode]["sae/aux_loss"].append(self.accelerator.gather(aux.detach()).mean().item())
         return loss + (aux / normalizer).to(loss.dtype)
 
-    # -- checkpoints ----------------------------------------------------------------------------------
-
-    def _sae_sidecar(self) -> dict:
-        args = self.args
-        packs = {name: getattr(args, name) for name in
-                 ("code_switch_pack", "repetition_pack", "aux_loss_pack", "amplify_pack") if getattr(args, name)}
-        return {"sae_source": args.sae_source, "sae_layer": self.sae_layer, "sae_k": self.sae.k,
-                "sae_d_sae": self.sae.d_sae, "packs": {n: json.loads(open(p).read()) for n, p in packs.items()}}
-
-    def _write_sae_sidecar(self, folder: str) -> None:
-        """Save the SAE's source, layer and feature packs beside a checkpoint (never its weights)."""
-        if self.sae is None or not self.args.should_save:
-            return
-        os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, SAE_SIDECAR), "w") as f:
-            json.dump(self._sae_sidecar(), f, indent=2)
-
-    def _check_sae_sidecar(self, checkpoint: str | None) -> None:
-        """On resume, refuse to continue a run with a different SAE or different feature packs."""
-        if self.sae is None or checkpoint is None or not os.path.isdir(checkpoint):
-            return
-        path = os.path.join(checkpoint, SAE_SIDECAR)
-        if not os.path.exists(path):
-            return
-        with open(path) as f:
-            saved = json.load(f)
-        current = self._sae_sidecar()
-        for key in ("sae_source", "sae_layer", "sae_k", "sae_d_sae", "packs"):
-            if saved.get(key) != current.get(key):
-                raise ValueError(f"resuming from {checkpoint} with a different SAE setting: {key} was "
-                                 f"{str(saved.get(key))[:200]!r}, now {str(current.get(key))[:200]!r}")
-
     # -- TRL overrides shared by GRPO and RLOO --------------------------------------------------------
 
     def _generate(self, prompts):
@@ -336,12 +303,3 @@ class SAETrainerMixin:
 
     def _compute_loss(self, model, inputs):
         return self._add_aux_loss(model, inputs, lambda: super(SAETrainerMixin, self)._compute_loss(model, inputs))
-
-    def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
-        self._write_sae_sidecar(os.path.join(self._get_output_dir(trial), f"checkpoint-{self.state.global_step}"))
-
-    def train(self, resume_from_checkpoint=None, *args, **kwargs):
-        if isinstance(resume_from_checkpoint, str):
-            self._check_sae_sidecar(resume_from_checkpoint)
-        return super().train(resume_from_checkpoint, *args, **kwargs)

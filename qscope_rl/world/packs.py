@@ -2,19 +2,24 @@
 
 - ``en`` / ``zh``: language features by monolinguality score (SASFT), from clean monolingual documents;
   the pack of the language a prompt is NOT in is the unwanted-language pack (``zh`` for English prompts).
-- ``repetition``: features of "this span repeats", from loops built out of the same documents.
+- ``repetition``: features of "this span repeats" by the Qwen-Scope method (a repeated token's last vs
+  first occurrence), from loops built out of the same documents;
+- ``loop``: features of the world's own loops, contrastive (tokens from a loop's start to the end of its
+  document vs clean documents, by mean activation). On the demo world, amplifying these makes the model
+  loop more, while amplifying the ``repetition`` pack does not (measured: `tests/test_grpo_trainer.py`
+  uses ``loop`` for amplified sampling), so the recipes amplify ``loop``.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from ..discovery import discover_language_features, discover_repetition_features
+from ..discovery import discover_contrastive_features, discover_language_features, discover_repetition_features
 from ..feature_pack import FeaturePack
 from ..loaders import load_sae
 from .world import World
 
-PACK_NAMES = ("en", "zh", "repetition")
+PACK_NAMES = ("en", "zh", "repetition", "loop")
 
 
 def world_pack_files(world: World, top_k: int = 16, force: bool = False) -> dict[str, Path]:
@@ -31,6 +36,10 @@ def world_pack_files(world: World, top_k: int = 16, force: bool = False) -> dict
                                        model_name=model_name)
     packs["repetition"] = discover_repetition_features(world.model, world.tokenizer, sae, [d.text for d in clean],
                                                        top_k=top_k, model_name=model_name)
+    looped = [d for d in world.documents("train") if d.loop_char is not None]
+    packs["loop"] = discover_contrastive_features(world.model, world.tokenizer, sae,
+                                                  [d.text[d.loop_char:] for d in looped], [d.text for d in clean],
+                                                  top_k=top_k, rank_by="mean_diff", model_name=model_name)
     for name, path in paths.items():
         packs[name].save(path)
     return paths
