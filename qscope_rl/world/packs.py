@@ -34,7 +34,10 @@ def world_pack_files(world: World, top_k: int = 16, force: bool = False) -> dict
     model_name = f"qscope-rl demo world ({world.path.name})"
     packs = discover_language_features(world.model, world.tokenizer, sae, texts_by_lang, top_k=top_k,
                                        model_name=model_name)
-    packs["repetition"] = discover_repetition_features(world.model, world.tokenizer, sae, [d.text for d in clean],
+    # All documents: the loop documents' own repeated n-grams give better repetition features than
+    # synthetic loops built from clean text (measured in benchmarks/detection.py).
+    packs["repetition"] = discover_repetition_features(world.model, world.tokenizer, sae,
+                                                       [d.text for d in world.documents("train")],
                                                        top_k=top_k, model_name=model_name)
     looped = [d for d in world.documents("train") if d.loop_char is not None]
     packs["loop"] = discover_contrastive_features(world.model, world.tokenizer, sae,

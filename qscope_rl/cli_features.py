@@ -1,0 +1,182 @@
+"""``qscope-rl features discover {language,repetition,contrastive}``: find SAE features, save a pack.
+
+Without ``--model`` the demo world's model, SAE and training documents are used (``--world``, default
+"test"). With ``--model`` (a HF model path or id), ``--sae`` and ``--layer`` are required and texts come
+from files: JSONL with a "text" field (and "lang" for language discovery) or plain text, one per line.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+METHODS = ("language", "repetition", "contrastive")
+
+
+def register(subparsers) -> None:
+    features = subparsers.add_parser("features", help="discover SAE features and save feature packs")
+    sub = features.add_subparsers(dest="features_command", metavar="ACTION", required=True)
+    discover = sub.add_parser("discover", help="find language / repetition / contrastive features")
+    discover.add_argument("method", choices=METHODS)
+    source = discover.add_argument_group("model and SAE (default: the demo world)")
+    source.add_argument("--world", default="test", help="demo world size when --model is not given")
+    source.add_argument("--model", default=None, help="HF model path or id (then --sae and --layer are needed)")
+    source.add_argument("--sae", default=None, help="SAE folder / file / Hub repo (see `qscope-rl sae-info`)")
+    source.add_argument("--layer", type=int, default=None, help="decoder layer of the SAE (0-based)")
+    source.add_argument("--device", default=None, help="torch device for model and SAE (default: cpu)")
+    texts = discover.add_argument_group("texts (default: the world's training documents)")
+    texts.add_argument("--texts", default=None,
+                       help="language: JSONL with text+lang; repetition: JSONL with text, or plain text lines")
+    texts.add_argument("--positive", default=None, help="contrastive: positive texts (JSONL or lines)")
+    texts.add_argument("--negative", default=None, help="contrastive: negative texts (JSONL or lines)")
+    texts.add_argument("--target", default="switch",
+                       help="contrastive on the world: 'switch', 'loop' (vs clean documents) or a topic name")
+    texts.add_argument("--max-texts", type=int, default=2000, help="at most this many texts per group (seeded)")
+    discover.add_argument("--top-k", type=int, default=16, help="features to keep")
+    discover.add_argument("--batch-size", type=int, default=16)
+    discover.add_argument("--rank-by", choices=("p_fire", "mean_diff"), default="p_fire", help="contrastive only")
+    discover.add_argument("--seed", type=int, default=0)
+    discover.add_argument("--out", default=None,
+                          help="pack JSON to write (language: a folder, one language-<lang>.json per language)")
+    discover.add_argument("--json", action="store_true", help="print the pack(s) as JSON instead of a table")
+    discover.set_defaults(func=_discover)
+
+
+def read_texts(path: str, with_lang: bool = False) -> list:
+    """Texts from JSONL ({"text": ..., "lang": ...}) or plain text (one per line); (text, lang) if with_lang."""
+    file = Path(path)
+    if not file.is_file():
+        raise SystemExit(f"error: text file {path} does not exist")
+    rows = []
+    for n, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        if line.lstrip().startswith("{"):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise SystemExit(f"error: {path}:{n} is not valid JSON ({err})") from err
+            if with_lang and "lang" not in record:
+                raise SystemExit(f"error: {path}:{n} has no \"lang\" field (language discovery needs one)")
+            rows.append((record["text"], record["lang"]) if with_lang else record["text"])
+        elif with_lang:
+            raise SystemExit(f"error: {path}:{n}: language discovery needs JSONL lines with text and lang")
+        else:
+            rows.append(line)
+    return rows
+
+
+def _cap(texts: list[str], n: int, seed: int) -> list[str]:
+    return texts if len(texts) <= n else random.Random(seed).sample(texts, n)
+
+
+def _world_texts(world, args) -> dict:
+    docs = world.documents("train")
+    clean = [d for d in docs if d.switch_char is None and d.loop_char is None]
+    if args.method == "language":
+        return {"texts_by_lang": {lang: _cap([d.text for d in clean if d.lang == lang], args.max_texts, args.seed)
+                                  for lang in sorted({d.lang for d in docs})}}
+    if args.method == "repetition":  # all documents: the loop documents carry the world's own repeats
+        return {"texts": _cap([d.text for d in docs], args.max_texts, args.seed)}
+    if args.target in ("switch", "loop"):
+        attr = f"{args.target}_char"
+        positive = [d.text for d in docs if getattr(d, attr) is not None]
+        negative = [d.text for d in clean]
+    elif args.target in {d.topic for d in docs}:
+        positive = [d.text for d in clean if d.topic == args.target]
+        negative = [d.text for d in clean if d.topic != args.target]
+    else:
+        raise SystemExit(f"error: --target {args.target!r} is neither 'switch', 'loop' nor a topic of the world "
+                         f"({sorted({d.topic for d in docs})})")
+    return {"positive": _cap(positive, args.max_texts, args.seed),
+            "negative": _cap(negative, args.max_texts, args.seed), "name": f"contrastive-{args.target}"}
+
+
+def _file_texts(args) -> dict:
+    if args.method == "language":
+        if not args.texts:
+            raise SystemExit("error: language discovery with --model needs --texts (JSONL with text and lang)")
+        by_lang: dict[str, list[str]] = {}
+        for text, lang in read_texts(args.texts, with_lang=True):
+            by_lang.setdefault(lang, []).append(text)
+        return {"texts_by_lang": {lang: _cap(t, args.max_texts, args.seed) for lang, t in by_lang.items()}}
+    if args.method == "repetition":
+        if not args.texts:
+            raise SystemExit("error: repetition discovery with --model needs --texts")
+        return {"texts": _cap(read_texts(args.texts), args.max_texts, args.seed)}
+    if not (args.positive and args.negative):
+        raise SystemExit("error: contrastive discovery with --model needs --positive and --negative")
+    return {"positive": _cap(read_texts(args.positive), args.max_texts, args.seed),
+            "negative": _cap(read_texts(args.negative), args.max_texts, args.seed),
+            "name": f"contrastive-{Path(args.positive).stem}"}
+
+
+def _load(args):
+    """(model, tokenizer, sae, texts kwargs, model name)."""
+    from .loaders import load_sae
+
+    if args.model is None:
+        from .world import load_world
+
+        world = load_world(args.world)
+        sae = load_sae(world.sae_dir, layer=world.layer, device=args.device)
+        model = world.model.to(args.device) if args.device else world.model
+        return model, world.tokenizer, sae, _world_texts(world, args), f"qscope-world-{args.world}"
+    if args.sae is None or args.layer is None:
+        raise SystemExit("error: --model needs --sae and --layer")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model).eval()
+    if args.device:
+        model = model.to(args.device)
+    sae = load_sae(args.sae, layer=args.layer, device=args.device)
+    return model, tokenizer, sae, _file_texts(args), args.model
+
+
+def _discover(args) -> int:
+    from .cli import print_json
+    from .discovery import (
+        discover_contrastive_features,
+        discover_language_features,
+        discover_repetition_features,
+    )
+
+    model, tokenizer, sae, texts, model_name = _load(args)
+    common = dict(top_k=args.top_k, batch_size=args.batch_size, layer=args.layer if args.model else None,
+                  model_name=model_name)
+    try:
+        if args.method == "language":
+            packs = discover_language_features(model, tokenizer, sae, texts["texts_by_lang"], **common)
+        elif args.method == "repetition":
+            packs = {"repetition": discover_repetition_features(model, tokenizer, sae, texts["texts"],
+                                                                seed=args.seed, **common)}
+        else:
+            packs = {"contrastive": discover_contrastive_features(
+                model, tokenizer, sae, texts["positive"], texts["negative"], rank_by=args.rank_by,
+                name=texts["name"], **common)}
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from err
+    if args.out:
+        out = Path(args.out)
+        for pack in packs.values():
+            path = pack.save(out / f"{pack.name}.json" if args.method == "language" else out)
+            if not args.json:
+                print(f"wrote {path}")
+    if args.json:
+        print_json({key: pack.to_dict() for key, pack in packs.items()})
+        return 0
+    for pack in packs.values():
+        print_table(pack)
+    return 0
+
+
+def print_table(pack) -> None:
+    print(f"\n{pack.name} ({pack.method}) on {pack.model}, SAE {pack.sae_source} layer {pack.layer}: "
+          f"{len(pack)} features")
+    print(f"{'rank':>4} {'id':>7} {'score':>9} {'act+':>8} {'act-':>8} {'fire+':>6} {'fire-':>6} {'mean_pre':>9}")
+    for rank, f in enumerate(pack.features, 1):
+        s = f.stats
+        print(f"{rank:>4} {f.id:>7} {f.score:>9.4f} {s.get('mean_act_pos', 0):>8.4f} {s.get('mean_act_neg', 0):>8.4f} "
+              f"{s.get('p_fire_pos', 0):>6.2f} {s.get('p_fire_neg', 0):>6.2f} {s.get('mean_pre', 0):>9.4f}")
