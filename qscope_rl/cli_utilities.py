@@ -1,0 +1,571 @@
+"""``qscope-rl steer | classify | synthesize | redundancy``: the lifecycle utilities on the command line.
+
+Without ``--model`` every command runs on the demo world (``--world``, default "test"), whose ground-truth
+topic and language labels make the results checkable; with ``--model`` (HF path or id), ``--sae`` and
+``--layer`` are required and texts come from files (JSONL with a "text" field, or plain lines). Every
+command prints a readable table, or one JSON object with ``--json``; ``--plot PNG`` draws a figure.
+The ``demo_*`` / ``world_*`` helpers here are the demo world's glue, shared with ``benchmarks/utilities.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from . import judges
+
+
+def register(subparsers) -> None:
+    _register_steer(subparsers)
+    _register_classify(subparsers)
+    _register_synthesize(subparsers)
+    _register_redundancy(subparsers)
+
+
+def _source_args(parser) -> None:
+    group = parser.add_argument_group("model and SAE (default: the demo world)")
+    group.add_argument("--world", default="test", help="demo world size when --model is not given (test / default)")
+    group.add_argument("--model", default=None, help="HF model path or id (then --sae and --layer are needed)")
+    group.add_argument("--sae", default=None, help="SAE folder / file / Hub repo (see `qscope-rl sae-info`)")
+    group.add_argument("--layer", type=int, default=None, help="decoder layer of the SAE (0-based)")
+    group.add_argument("--device", default=None, help="torch device for model and SAE (default: cpu)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    parser.add_argument("--plot", default=None, metavar="PNG", help="also draw a figure into this PNG file")
+
+
+class _Loaded:
+    """model, tokenizer, sae and (demo only) the world."""
+
+    def __init__(self, args):
+        from .loaders import load_sae
+
+        if args.model is None:
+            from .world import load_world
+
+            self.world = load_world(args.world)
+            self.model, self.tokenizer = self.world.model, self.world.tokenizer
+            self.sae = load_sae(self.world.sae_dir, layer=self.world.layer, device=args.device)
+        else:
+            if args.sae is None or args.layer is None:
+                raise SystemExit("error: --model needs --sae and --layer")
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            self.world = None
+            self.tokenizer = AutoTokenizer.from_pretrained(args.model)
+            self.model = AutoModelForCausalLM.from_pretrained(args.model).eval()
+            self.sae = load_sae(args.sae, layer=args.layer, device=args.device)
+        if args.device:
+            self.model = self.model.to(args.device)
+
+
+def read_records(path: str, field: str = "text") -> list[dict]:
+    """Records from JSONL (objects with ``field``) or plain text (one ``{field: line}`` per line)."""
+    file = Path(path)
+    if not file.is_file():
+        raise SystemExit(f"error: file {path} does not exist")
+    rows = []
+    for n, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        if line.lstrip().startswith("{"):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise SystemExit(f"error: {path}:{n} is not valid JSON ({err})") from err
+            if field not in record:
+                raise SystemExit(f"error: {path}:{n} has no {field!r} field")
+            rows.append(record)
+        else:
+            rows.append({field: line})
+    if not rows:
+        raise SystemExit(f"error: {path} holds no texts")
+    return rows
+
+
+def _fail(err: Exception) -> SystemExit:
+    return SystemExit(f"error: {err}")
+
+
+# -- demo-world glue ----------------------------------------------------------------------------------
+
+
+def world_topic(world, text: str, lang: str) -> str | None:
+    """The topic whose vocabulary (in ``lang``) makes up most of ``text``, by the world's ground truth."""
+    shares = {t: world.task_reward(text, t, lang) for t in world.topics}
+    best = max(shares, key=shares.get)
+    return best if shares[best] > 0 else None
+
+
+def clean_documents(world, split: str = "train"):
+    return [d for d in world.documents(split) if d.switch_char is None and d.loop_char is None]
+
+
+def world_topic_pack(world, sae, topic: str, n_texts: int = 300, top_k: int = 16, seed: int = 0):
+    """Contrastive features of ``topic`` (its clean training documents vs the other topics')."""
+    from .discovery import discover_contrastive_features
+
+    docs, rng = clean_documents(world), random.Random(seed)
+    pos = [d.text for d in docs if d.topic == topic]
+    neg = [d.text for d in docs if d.topic != topic]
+    pos, neg = rng.sample(pos, min(n_texts, len(pos))), rng.sample(neg, min(2 * n_texts, len(neg)))
+    return discover_contrastive_features(world.model, world.tokenizer, sae, pos, neg, top_k=top_k,
+                                         rank_by="mean_diff", name=f"topic-{topic}")
+
+
+# Demo "benchmarks" over 8 topics (indices), every one 4 topics and the same size, so that the true
+# overlap(A -> B) = |topics(A) & topics(B)| / 4 takes the values 0, 1/4, 1/2, 3/4 across pairs.
+DEMO_BENCHMARKS = {"A": (0, 1, 2, 3), "B": (0, 1, 2, 4), "C": (0, 1, 5, 6), "D": (0, 5, 6, 7),
+                   "E": (4, 5, 6, 7), "F": (2, 3, 4, 5)}
+
+
+def demo_benchmarks(world, per_topic: int = 12, seed: int = 0) -> tuple[dict[str, list[str]], dict]:
+    """({name: texts}, {(a, b): true overlap}): held-out documents of each benchmark's topics."""
+    topics = world.topics
+    if len(topics) < 8:
+        raise ValueError(f"the demo benchmarks need 8 topics, the world has {len(topics)}")
+    docs, rng = world.documents("heldout"), random.Random(seed)
+    by_topic = {t: [d.text for d in docs if d.topic == t] for t in topics}
+    benchmarks = {name: [x for i in idx for x in rng.sample(by_topic[topics[i]], per_topic)]
+                  for name, idx in DEMO_BENCHMARKS.items()}
+    truth = {(a, b): len(set(ia) & set(ib)) / len(ia) for a, ia in DEMO_BENCHMARKS.items()
+             for b, ib in DEMO_BENCHMARKS.items() if a != b}
+    return benchmarks, truth
+
+
+# -- steer --------------------------------------------------------------------------------------------
+
+
+def _register_steer(subparsers) -> None:
+    p = subparsers.add_parser("steer", help="generate with SAE features amplified or suppressed")
+    _source_args(p)
+    what = p.add_argument_group("what to steer")
+    what.add_argument("--feature", action="append", default=[], metavar="ID=STRENGTH",
+                      help="feature and strength: raw alpha (-4.5) or relative to the pack's contrastive "
+                           "activation difference (light / medium / strong = 0.5x / 2x / 10x, '-strong', '3x'); "
+                           "repeatable")
+    what.add_argument("--pack", default=None,
+                      help="feature pack JSON; on the world also 'zh', 'en', 'repetition' or 'topic:<name>'")
+    what.add_argument("--strength", default=None,
+                      help="strength for the pack's features; negative values need '=': --strength=-medium")
+    what.add_argument("--top", type=int, default=8, help="use the pack's first N features (default 8)")
+    what.add_argument("--mode", choices=("add", "clamp"), default="add",
+                      help="add: h + alpha d; clamp: set the feature's activation to the strength")
+    what.add_argument("--positions", default=None, help="token positions to steer: '0:8', '5:' or '3,4,5' "
+                                                        "(default: all, prompt and generated)")
+    gen = p.add_argument_group("generation")
+    gen.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    gen.add_argument("--prompts", default=None, help="file of prompts (JSONL text or lines)")
+    gen.add_argument("--lang", default="en", help="world prompts: language (en / zh)")
+    gen.add_argument("-n", "--n-prompts", type=int, default=32, help="world prompts: how many")
+    gen.add_argument("--max-new-tokens", type=int, default=48)
+    gen.add_argument("--temperature", type=float, default=1.0)
+    gen.add_argument("--sweep", default=None, help="comma-separated strengths for the pack, e.g. "
+                                                   "--sweep=-light,-medium,-strong (world: a metrics-vs-strength plot)")
+    p.set_defaults(func=_steer)
+
+
+def _positions(text: str | None):
+    if text is None:
+        return None
+    if ":" in text:
+        start, _, stop = text.partition(":")
+        return slice(int(start) if start else None, int(stop) if stop else None)
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def _load_pack(loaded, name: str, seed: int):
+    from .feature_pack import FeaturePack
+
+    if loaded.world is not None and name in ("zh", "en", "repetition"):
+        from .world.packs import world_packs
+
+        return world_packs(loaded.world)[name]
+    if loaded.world is not None and name.startswith("topic:"):
+        topic = name.split(":", 1)[1]
+        if topic not in loaded.world.topics:
+            raise SystemExit(f"error: unknown topic {topic!r}; the world has {loaded.world.topics}")
+        return world_topic_pack(loaded.world, loaded.sae, topic, seed=seed)
+    pack = FeaturePack.load(name)
+    pack.check_compatible(loaded.sae)
+    return pack
+
+
+def _strength_maps(args, loaded, pack) -> list[tuple[str, dict[int, float]]]:
+    """[(label, {feature: alpha})] for every strength asked (one, or each of the sweep)."""
+    from .steer import merge_strengths, parse_strength, relative_strengths
+
+    explicit: dict[int, float] = {}
+    for item in args.feature:
+        feature, sep, strength = item.partition("=")
+        if not sep:
+            raise SystemExit(f"error: --feature {item!r}: expected ID=STRENGTH")
+        value, relative = parse_strength(strength)
+        if relative and pack is None:
+            raise SystemExit(f"error: --feature {item!r}: a relative strength needs --pack (the feature's "
+                             f"contrastive activation difference comes from it)")
+        alphas = relative_strengths(pack, strength, features=[int(feature)]) if relative else {int(feature): value}
+        explicit = merge_strengths(explicit, alphas)
+    strengths = args.sweep.split(",") if args.sweep else [args.strength] if args.strength else []
+    if pack is not None and not strengths and not explicit:
+        raise SystemExit("error: --pack needs --strength (or --sweep)")
+    if pack is None and not explicit:
+        raise SystemExit("error: give --feature ID=STRENGTH and/or --pack with --strength")
+    if not strengths:
+        return [(",".join(args.feature), explicit)]
+    return [(s, merge_strengths(explicit, relative_strengths(pack, s, top=args.top))) for s in strengths]
+
+
+def steering_metrics(world, prompts, completions, base_model, tokenizer, target_topic: str | None = None) -> dict:
+    """Judge completions on the world: code-switch rate (Unicode script), share judged on ``target_topic``,
+    and the unsteered model's perplexity on them."""
+    from .steer import perplexity
+
+    out = {"code_switch_rate": sum(judges.script_code_switch(c, p.lang) for p, c in zip(prompts, completions))
+           / len(completions),
+           "perplexity": perplexity(base_model, tokenizer, [p.text for p in prompts], completions)}
+    if target_topic is not None:
+        out["topic_share"] = sum(world_topic(world, c, p.lang) == target_topic
+                                 for p, c in zip(prompts, completions)) / len(completions)
+    return out
+
+
+def _steer(args) -> int:
+    from .cli import print_json
+    from .steer import generate, steer
+
+    loaded = _Loaded(args)
+    pack = _load_pack(loaded, args.pack, args.seed) if args.pack else None
+    runs = _strength_maps(args, loaded, pack)
+    prompt_objs = None
+    texts = list(args.prompt) + ([r["text"] for r in read_records(args.prompts)] if args.prompts else [])
+    if not texts:
+        if loaded.world is None:
+            raise SystemExit("error: with --model give --prompt or --prompts")
+        prompt_objs = loaded.world.prompts("heldout", args.lang)[: args.n_prompts]
+        texts = [p.text for p in prompt_objs]
+    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
+    target = args.pack.split(":", 1)[1] if args.pack and args.pack.startswith("topic:") else None
+    results = {"unsteered": {"completions": generate(loaded.model, loaded.tokenizer, texts, **kw)}}
+    for label, alphas in runs:
+        try:
+            with steer(loaded.model, loaded.sae, alphas, mode=args.mode, positions=_positions(args.positions)):
+                completions = generate(loaded.model, loaded.tokenizer, texts, **kw)
+        except ValueError as err:
+            raise _fail(err) from err
+        results[label] = {"features": {str(k): v for k, v in alphas.items()}, "completions": completions}
+    if prompt_objs is not None:
+        for res in results.values():
+            res["metrics"] = steering_metrics(loaded.world, prompt_objs, res["completions"], loaded.model,
+                                              loaded.tokenizer, target)
+    if args.plot and prompt_objs is not None:
+        _plot_sweep(results, args.plot)
+    if args.json:
+        print_json({"prompts": texts, "runs": results})
+        return 0
+    for label, res in results.items():
+        metrics = "  ".join(f"{k}={v:.3f}" for k, v in res.get("metrics", {}).items())
+        print(f"\n== {label}  {metrics}")
+        for prompt, completion in list(zip(texts, res["completions"]))[:5]:
+            print(f"  {prompt[:60]!r} -> {completion[:80]!r}")
+    return 0
+
+
+def _plot_sweep(results: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(results)
+    metrics = [m for m in ("code_switch_rate", "topic_share") if m in results[labels[0]]["metrics"]]
+    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(labels), 3.5))
+    for m in metrics:
+        ax.plot(labels, [results[x]["metrics"][m] for x in labels], marker="o", label=m)
+    ax.set(ylabel="rate", ylim=(0, 1.02), xlabel="strength")
+    twin = ax.twinx()
+    twin.plot(labels, [results[x]["metrics"]["perplexity"] for x in labels], "k--", marker="s", label="perplexity")
+    twin.set_ylabel("unsteered perplexity")
+    fig.legend(loc="upper center", ncol=3, fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 0.9))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# -- classify -----------------------------------------------------------------------------------------
+
+
+def _register_classify(subparsers) -> None:
+    p = subparsers.add_parser("classify", help="few-shot classification with SAE features (fit / predict / eval)")
+    p.add_argument("action", choices=("fit", "predict", "eval"),
+                   help="fit: seeds -> classifier file; predict: classifier + texts -> labels; eval: the world's "
+                        "macro-F1 vs seed count against dense and TF-IDF probes")
+    _source_args(p)
+    p.add_argument("--kind", choices=("rule", "logistic"), default="rule")
+    p.add_argument("--top-k", type=int, default=None, help="rule: features per class (default: chosen in 1..10)")
+    p.add_argument("--texts", default=None, help="fit: JSONL with text and label; predict: texts (JSONL or lines)")
+    p.add_argument("--classifier", default=None, help="classifier file (.safetensors) to write (fit) or read")
+    p.add_argument("--seeds-per-class", default="4,16,64",
+                   help="eval: seed counts (comma-separated); fit on the world: the first is used")
+    p.add_argument("--repeats", type=int, default=3, help="eval: seed draws averaged per count")
+    p.add_argument("--n-test", type=int, default=400, help="eval: held-out documents to score")
+    p.set_defaults(func=_classify)
+
+
+def _classify(args) -> int:
+    from .classify import ClassifierError, FeatureClassifier, fit_classifier
+
+    loaded = _Loaded(args)
+    try:
+        if args.action == "fit":
+            return _classify_fit(args, loaded, fit_classifier)
+        if args.action == "predict":
+            if not (args.classifier and args.texts):
+                raise SystemExit("error: classify predict needs --classifier and --texts")
+            clf = FeatureClassifier.load(args.classifier, sae=loaded.sae)
+            texts = [r["text"] for r in read_records(args.texts)]
+            labels = clf.predict_texts(loaded.model, loaded.tokenizer, loaded.sae, texts)
+            if args.json:
+                from .cli import print_json
+
+                print_json([{"text": t, "label": y} for t, y in zip(texts, labels)])
+            else:
+                for t, y in zip(texts, labels):
+                    print(f"{y}\t{t[:100]}")
+            return 0
+        return _classify_eval(args, loaded)
+    except (ClassifierError, ValueError) as err:
+        raise _fail(err) from err
+
+
+def _classify_fit(args, loaded, fit_classifier) -> int:
+    from .cli import print_json
+
+    if args.texts:
+        rows = read_records(args.texts)
+        if any("label" not in r for r in rows):
+            raise SystemExit(f"error: {args.texts}: every line needs a 'label' field to fit on")
+        texts, labels = [r["text"] for r in rows], [str(r["label"]) for r in rows]
+    elif loaded.world is not None:
+        n = int(args.seeds_per_class.split(",")[0])
+        docs, rng = loaded.world.documents("train"), random.Random(args.seed)
+        chosen = [d for t in loaded.world.topics for d in rng.sample([d for d in docs if d.topic == t], n)]
+        texts, labels = [d.text for d in chosen], [d.topic for d in chosen]
+    else:
+        raise SystemExit("error: with --model, classify fit needs --texts (JSONL with text and label)")
+    clf = fit_classifier(loaded.model, loaded.tokenizer, loaded.sae, texts, labels, args.kind, top_k=args.top_k)
+    if args.classifier:
+        clf.save(args.classifier)
+    summary = {"kind": clf.kind, "classes": clf.classes, "n_seeds": len(texts), "saved_to": args.classifier}
+    if clf.kind == "rule":
+        summary["rules"] = {c: [[i, round(w, 4)] for i, w in r] for c, r in clf.rules().items()}
+    if args.json:
+        print_json(summary)
+    else:
+        print(f"fitted a {clf.kind} classifier on {len(texts)} seeds, classes {clf.classes}"
+              + (f"; saved to {args.classifier}" if args.classifier else ""))
+        for c, r in summary.get("rules", {}).items():
+            print(f"  {c:<10} OR over features {[i for i, _ in r]}")
+    return 0
+
+
+def _classify_eval(args, loaded) -> int:
+    from .classify import plot_curve
+    from .cli import print_json
+
+    if loaded.world is None:
+        raise SystemExit("error: classify eval runs on the demo world (it needs ground-truth labels)")
+    seeds = [int(x) for x in args.seeds_per_class.split(",")]
+    curve, n_train, n_test = world_classify_curve(loaded.world, loaded.sae, seeds, args.repeats, args.n_test,
+                                                  args.seed)
+    if args.plot:
+        plot_curve(curve, args.plot, title=f"topic classification, demo world ({args.world})")
+    if args.json:
+        print_json({"macro_f1": curve, "n_train_pool": n_train, "n_test": n_test})
+    else:
+        print(format_curve(curve))
+    return 0
+
+
+def world_classify_curve(world, sae, seeds, repeats: int = 3, n_test: int = 400, seed: int = 0):
+    """Macro-F1 vs seeds per class on the world's topics: (curve, train pool size, test size)."""
+    from .classify import few_shot_curve
+    from .text_features import encode_texts
+
+    rng = random.Random(seed)
+    train_docs = world.documents("train")
+    pool = [d for t in world.topics for d in rng.sample([d for d in train_docs if d.topic == t], max(seeds))]
+    test = rng.sample(world.documents("heldout"), min(n_test, len(world.documents("heldout"))))
+    ftrain = encode_texts(world.model, world.tokenizer, sae, [d.text for d in pool], desc="classify: train pool")
+    ftest = encode_texts(world.model, world.tokenizer, sae, [d.text for d in test], desc="classify: test")
+    curve = few_shot_curve(sae, ftrain, [d.text for d in pool], [d.topic for d in pool], ftest,
+                     [d.text for d in test], [d.topic for d in test], seeds_per_class=seeds, repeats=repeats,
+                     seed=seed)
+    return curve, len(pool), len(test)
+
+
+def format_curve(curve: dict) -> str:
+    seeds = list(next(iter(curve.values())))
+    lines = [f"{'macro-F1':<16}" + "".join(f"{f'{n}/class':>10}" for n in seeds)]
+    lines += [f"{m:<16}" + "".join(f"{v[n]:>10.3f}" for n in seeds) for m, v in curve.items()]
+    return "\n".join(lines)
+
+
+# -- synthesize ---------------------------------------------------------------------------------------
+
+
+def _register_synthesize(subparsers) -> None:
+    p = subparsers.add_parser("synthesize", help="generate data for features a dataset never activates")
+    _source_args(p)
+    p.add_argument("--dataset", default=None, help="the dataset (JSONL text or lines); world: --dataset-size "
+                                                   "random training documents")
+    p.add_argument("--dataset-size", type=int, default=64)
+    p.add_argument("--reference", default=None, help="texts of the domain (contexts, typical activations, and "
+                                                     "with --domain alive the features to aim at); world: "
+                                                     "held-out documents")
+    p.add_argument("--prompts", default=None, help="openings to generate from; world: its training prompts")
+    p.add_argument("--domain", default="alive",
+                   help="'alive': features that fire on the reference texts; or a feature pack JSON; or 'all'")
+    p.add_argument("--strategy", choices=("context", "steer", "both"), default="both")
+    p.add_argument("--per-target", type=int, default=4, help="at most this many candidates per target")
+    p.add_argument("--strength", type=float, default=4.0, help="steer: alpha = strength x typical activation")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--unguided", action="store_true", help="also run plain sampling at the same budget")
+    p.add_argument("--out", default=None, help="write the kept texts here as JSONL (datasets format)")
+    p.set_defaults(func=_synthesize)
+
+
+def _synthesize(args) -> int:
+    from .cli import print_json
+    from .feature_pack import FeaturePack
+    from .synthesize import feature_coverage, synthesize, target_features, unguided
+
+    loaded = _Loaded(args)
+    m, tok, sae, world = loaded.model, loaded.tokenizer, loaded.sae, loaded.world
+    rng = random.Random(args.seed)
+    if args.dataset:
+        data = [r["text"] for r in read_records(args.dataset)]
+    elif world is not None:
+        data = [d.text for d in rng.sample(world.documents("train"), args.dataset_size)]
+    else:
+        raise SystemExit("error: with --model, synthesize needs --dataset")
+    reference = [r["text"] for r in read_records(args.reference)] if args.reference else \
+        [d.text for d in world.documents("heldout")] if world is not None else None
+    prompts = [r["text"] for r in read_records(args.prompts)] if args.prompts else \
+        [p.text for p in world.prompts("train")] if world is not None else None
+    if prompts is None:
+        raise SystemExit("error: with --model, synthesize needs --prompts")
+    try:
+        coverage = feature_coverage(m, tok, sae, data)
+        if args.domain == "alive":
+            if reference is None:
+                raise SystemExit("error: --domain alive needs --reference texts")
+            domain = feature_coverage(m, tok, sae, reference) > 0
+        elif args.domain == "all":
+            domain = None
+        else:
+            domain = FeaturePack.load(args.domain)
+            domain.check_compatible(sae)
+        targets = target_features(coverage, domain)
+        result = synthesize(m, tok, sae, targets, prompts, strategy=args.strategy, reference=reference,
+                            per_target=args.per_target, strength=args.strength, max_new_tokens=args.max_new_tokens,
+                            seed=args.seed)
+        base = unguided(m, tok, sae, targets, prompts, result.n_generated, max_new_tokens=args.max_new_tokens,
+                        seed=args.seed) if args.unguided else None
+    except ValueError as err:
+        raise _fail(err) from err
+    if args.out:
+        result.save_jsonl(args.out)
+    summary = {"dataset_texts": len(data), "features_active_in_dataset": int((coverage > 0).sum()),
+               "targets": len(result.targets), "covered": len(result.covered), "coverage": result.coverage,
+               "generated": result.n_generated, "kept": len(result.rows), "out": args.out}
+    if base is not None:
+        summary |= {"unguided_coverage": base.coverage,
+                    "efficiency_vs_unguided": result.coverage_per_sample / max(base.coverage_per_sample, 1e-12)}
+    if args.plot:
+        plot_synthesis(result, base, args.plot)
+    if args.json:
+        print_json(summary)
+    else:
+        for key, value in summary.items():
+            print(f"{key:>28}: {value:.3f}" if isinstance(value, float) else f"{key:>28}: {value}")
+    return 0
+
+
+def plot_synthesis(result, base, path: str) -> None:
+    """Bar chart: share of target features covered, guided vs unguided, with the budget in the labels."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bars = {f"feature-targeted\n({result.n_generated} samples)": result.coverage}
+    if base is not None:
+        bars[f"unguided\n({base.n_generated} samples)"] = base.coverage
+    fig, ax = plt.subplots(figsize=(4, 3.5))
+    ax.bar(list(bars), list(bars.values()), color=["tab:green", "tab:gray"][: len(bars)])
+    for i, v in enumerate(bars.values()):
+        ax.text(i, v + 0.02, f"{v:.0%}", ha="center")
+    ax.set(ylim=(0, 1.1), ylabel=f"share of {len(result.targets)} target features covered")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# -- redundancy ---------------------------------------------------------------------------------------
+
+
+def _register_redundancy(subparsers) -> None:
+    p = subparsers.add_parser("redundancy", help="footprint redundancy and overlap of evaluation sets")
+    _source_args(p)
+    p.add_argument("--benchmark", action="append", default=[], metavar="NAME=FILE",
+                   help="a benchmark's texts (JSONL text or lines); repeatable. World default: six topic-subset "
+                        "benchmarks with known overlap")
+    p.add_argument("--per-topic", type=int, default=12, help="world benchmarks: documents per topic")
+    p.set_defaults(func=_redundancy)
+
+
+def _redundancy(args) -> int:
+    from .cli import print_json
+    from .redundancy import compare_benchmarks
+
+    loaded = _Loaded(args)
+    truth = None
+    if args.benchmark:
+        benchmarks = {}
+        for item in args.benchmark:
+            name, sep, path = item.partition("=")
+            if not sep:
+                raise SystemExit(f"error: --benchmark {item!r}: expected NAME=FILE")
+            benchmarks[name] = [r["text"] for r in read_records(path)]
+    elif loaded.world is not None:
+        benchmarks, truth = demo_benchmarks(loaded.world, args.per_topic, args.seed)
+    else:
+        raise SystemExit("error: with --model, give --benchmark NAME=FILE (two or more)")
+    try:
+        report = compare_benchmarks(loaded.model, loaded.tokenizer, loaded.sae, benchmarks)
+    except ValueError as err:
+        raise _fail(err) from err
+    out = report.to_dict()
+    if truth is not None:
+        out["spearman_vs_true_overlap"] = overlap_spearman(report, truth)
+    if args.plot:
+        report.plot(args.plot)
+    if args.json:
+        print_json(out)
+    else:
+        print(report.table())
+        if truth is not None:
+            print(f"Spearman(estimated, true overlap) over ordered pairs: {out['spearman_vs_true_overlap']:.3f}")
+    return 0
+
+
+def overlap_spearman(report, truth: dict) -> float:
+    """Spearman correlation between the estimated and the true overlap over all ordered pairs."""
+    from scipy.stats import spearmanr
+
+    index = {n: i for i, n in enumerate(report.names)}
+    pairs = sorted(truth)
+    est = [float(report.overlap[index[a], index[b]]) for a, b in pairs]
+    return float(spearmanr([truth[p] for p in pairs], est).statistic)

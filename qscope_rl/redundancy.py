@@ -1,0 +1,152 @@
+"""Evaluation redundancy: how much of a benchmark its own subsets already cover, and how benchmarks overlap.
+
+Qwen-Scope (point 6): a sample's footprint is the set of SAE features active (> 0) at its LAST token; a
+benchmark's footprint F(D) is the union over its samples.
+
+- coverage curve: c_n = expected share of F(D) covered by a random subset of n samples, n = 1..N. It is
+  computed exactly, not by drawing subsets: a feature present in m of the N samples is missed by a random
+  n-subset with probability C(N - m, n) / C(N, n).
+- redundancy R = mean over n of c_n, the area under the normalised coverage curve, in (0, 1]: high when a
+  few samples already cover what the whole benchmark does. Departure from the report's
+  ``R = sum_n c_n / |F(D)|`` (c_n counted in features): we divide by N as well, so that benchmarks of
+  different sizes compare.
+- overlap(A -> B) = |F(A) & F(B)| / |F(A)|, the share of A's footprint inside B's (asymmetric).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .sae import SparseAutoencoder
+from .text_features import encode_texts
+
+
+def footprints(model, tokenizer, sae: SparseAutoencoder, texts: Sequence[str], **kwargs) -> list[frozenset[int]]:
+    """Per text, the features active at its last token (its Qwen-Scope footprint)."""
+    feats = encode_texts(model, tokenizer, sae, texts, desc="redundancy: encode", **kwargs)
+    return [frozenset(s) for s in feats.last_footprints()]
+
+
+def _union(samples: Sequence[frozenset[int]]) -> frozenset[int]:
+    return frozenset().union(*samples)
+
+
+def coverage_curve(samples: Sequence[frozenset[int]]) -> Tensor:
+    """(N,) c_n for n = 1..N: expected share of the footprint covered by a random n-subset of the samples."""
+    if not samples:
+        raise ValueError("coverage of an empty benchmark is undefined: it has no samples")
+    features = sorted(_union(samples))
+    if not features:
+        return torch.ones(len(samples), dtype=torch.float64)
+    index = {f: i for i, f in enumerate(features)}
+    m = torch.zeros(len(features), dtype=torch.float64)  # samples each feature appears in
+    for s in samples:
+        m[[index[f] for f in s]] += 1
+    N = torch.tensor(float(len(samples)), dtype=torch.float64)
+    n = torch.arange(1, len(samples) + 1, dtype=torch.float64)[:, None]  # (N, 1)
+    # log C(N - m, n) - log C(N, n), with C(a, b) = 0 when b > a (masked below; clamped to stay finite)
+    missed = (torch.lgamma(N - m + 1) - torch.lgamma((N - m - n + 1).clamp(min=1))
+              - torch.lgamma(N + 1) + torch.lgamma(N - n + 1))
+    p_missed = torch.where(n <= N - m, missed.exp(), torch.zeros(()))
+    return (1 - p_missed).mean(1)
+
+
+def redundancy_score(samples: Sequence[frozenset[int]]) -> float:
+    """R in (0, 1]: mean of the coverage curve (see the module docstring)."""
+    return float(coverage_curve(samples).mean())
+
+
+def overlap(a: frozenset[int], b: frozenset[int]) -> float:
+    """Share of footprint ``a`` inside footprint ``b`` (0 for an empty ``a``)."""
+    return len(a & b) / len(a) if a else 0.0
+
+
+@dataclass
+class RedundancyReport:
+    """Footprint statistics of several benchmarks; ``overlap[i, j]`` = overlap(names[i] -> names[j])."""
+
+    names: list[str]
+    n_samples: list[int]
+    footprint_size: list[int]
+    redundancy: list[float]
+    overlap: Tensor  # (B, B)
+
+    def to_dict(self) -> dict:
+        return {"benchmarks": {n: {"n_samples": s, "footprint_size": f, "redundancy": r}
+                               for n, s, f, r in zip(self.names, self.n_samples, self.footprint_size,
+                                                     self.redundancy)},
+                "overlap": {a: {b: float(self.overlap[i, j]) for j, b in enumerate(self.names)}
+                            for i, a in enumerate(self.names)}}
+
+    def table(self) -> str:
+        width = max(8, *(len(n) for n in self.names))
+        lines = [f"{'benchmark':<{width}} {'samples':>7} {'|F|':>5} {'R':>6}   overlap(row -> column)",
+                 f"{'':<{width}} {'':>7} {'':>5} {'':>6}   " + " ".join(f"{n[:7]:>7}" for n in self.names)]
+        for i, name in enumerate(self.names):
+            row = " ".join(f"{float(v):>7.3f}" for v in self.overlap[i])
+            lines.append(f"{name:<{width}} {self.n_samples[i]:>7} {self.footprint_size[i]:>5} "
+                         f"{self.redundancy[i]:>6.3f}   {row}")
+        return "\n".join(lines)
+
+    def plot(self, path: str | os.PathLike, title: str = "overlap(row -> column)") -> Path:
+        """Heatmap PNG of the overlap matrix, values written in the cells."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        size = 1.2 + 0.6 * len(self.names)
+        fig, ax = plt.subplots(figsize=(size + 1.2, size))
+        image = ax.imshow(self.overlap.numpy(), vmin=0, vmax=1, cmap="viridis")
+        ax.set_xticks(range(len(self.names)), labels=self.names, rotation=45, ha="right")
+        ax.set_yticks(range(len(self.names)), labels=[f"{n} (R={r:.2f})" for n, r in zip(self.names, self.redundancy)])
+        for i in range(len(self.names)):
+            for j in range(len(self.names)):
+                v = float(self.overlap[i, j])
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="white" if v < 0.6 else "black")
+        fig.colorbar(image, ax=ax, fraction=0.046)
+        ax.set_title(title)
+        fig.tight_layout()
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return path
+
+
+def compare_footprints(benchmarks: Mapping[str, Sequence[frozenset[int]]]) -> RedundancyReport:
+    """Redundancy of each benchmark and their overlap matrix, from per-sample footprints."""
+    if not benchmarks:
+        raise ValueError("no benchmarks to compare")
+    empty = [name for name, samples in benchmarks.items() if not samples]
+    if empty:
+        raise ValueError(f"benchmarks {empty} have no samples")
+    names = list(benchmarks)
+    unions = [_union(benchmarks[n]) for n in names]
+    matrix = torch.tensor([[overlap(a, b) for b in unions] for a in unions], dtype=torch.float64)
+    return RedundancyReport(names, [len(benchmarks[n]) for n in names], [len(u) for u in unions],
+                            [redundancy_score(benchmarks[n]) for n in names], matrix)
+
+
+def compare_benchmarks(model, tokenizer, sae: SparseAutoencoder, benchmarks: Mapping[str, Sequence[str]],
+                       **kwargs) -> RedundancyReport:
+    """``compare_footprints`` on the texts of each benchmark (encoded once, all benchmarks in one pass)."""
+    if not benchmarks:
+        raise ValueError("no benchmarks to compare")
+    empty = [name for name, texts in benchmarks.items() if len(texts) == 0]
+    if empty:
+        raise ValueError(f"benchmarks {empty} have no samples")
+    names = list(benchmarks)
+    texts = [t for n in names for t in benchmarks[n]]
+    prints = footprints(model, tokenizer, sae, texts, **kwargs)
+    out, start = {}, 0
+    for n in names:
+        out[n] = prints[start:start + len(benchmarks[n])]
+        start += len(benchmarks[n])
+    return compare_footprints(out)

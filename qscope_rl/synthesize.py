@@ -1,0 +1,239 @@
+"""Data synthesis for features a dataset never activates (Qwen-Scope, point 3).
+
+1. ``feature_coverage``: on how many of the dataset's texts each feature fires (max over tokens > 0).
+2. ``target_features``: features with zero coverage, optionally only those of a domain: a feature pack,
+   explicit ids, or the features alive on reference texts of the domain (dead features can't be reached).
+3. ``synthesize``: for each target, generate candidates aimed at it, by prompting with its top-activating
+   context in the reference texts (``"context"``: the few tokens just before its top token), by steering
+   toward it (``"steer"``: ``h + alpha * d_j`` from a random prompt, alpha = ``strength`` x its typical
+   activation), or both. A candidate is prompt + completion, and it is kept only if the unsteered model + SAE
+   find the target firing on a GENERATED token (the prompt is context only; copied text never counts). A
+   candidate that misses its own target but fires another uncovered target is kept for that one. Candidates are
+   generated in rounds, one per still-uncovered target, up to ``per_target`` rounds.
+4. ``unguided``: the baseline, plain sampling of the same prompts at the same budget.
+
+The result is a ``datasets.Dataset`` (text, completion, target_feature, target_activation, strategy, prompt,
+round),
+saved as JSONL by ``save_jsonl``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .feature_pack import FeaturePack
+from .hooks import ResidualEdit, capture_residual
+from .sae import SparseAutoencoder
+from .steer import generate
+from .text_features import check_texts, encode_texts, sae_layer
+
+STRATEGIES = ("context", "steer", "both")
+
+
+def feature_coverage(model, tokenizer, sae: SparseAutoencoder, texts: Sequence[str], **kwargs) -> Tensor:
+    """(d_sae,) number of texts on which each feature fires (max activation over the text's tokens > 0)."""
+    texts = check_texts(texts, "dataset")
+    return encode_texts(model, tokenizer, sae, texts, desc="synthesize: coverage", **kwargs).fires.sum(0)
+
+
+def target_features(coverage: Tensor, domain: FeaturePack | Iterable[int] | Tensor | None = None) -> Tensor:
+    """Ids of features with zero coverage, restricted to ``domain`` if given (ids, a pack, or a (d_sae,) bool
+    mask such as ``feature_coverage(reference) > 0``)."""
+    inactive = coverage == 0
+    if domain is None:
+        return inactive.nonzero().flatten()
+    if isinstance(domain, FeaturePack):
+        domain = domain.ids
+    domain = torch.as_tensor(list(domain) if not isinstance(domain, Tensor) else domain)
+    if domain.dtype == torch.bool:
+        if domain.shape != coverage.shape:
+            raise ValueError(f"a domain mask must have shape {tuple(coverage.shape)}, got {tuple(domain.shape)}")
+        return (inactive & domain).nonzero().flatten()
+    bad = domain[(domain < 0) | (domain >= len(coverage))].tolist()
+    if bad:
+        raise ValueError(f"domain features {bad[:10]} are out of range for an SAE with d_sae={len(coverage)}")
+    return domain[inactive[domain.long()]].unique().long()
+
+
+@torch.no_grad()
+def top_contexts(model, tokenizer, sae: SparseAutoencoder, texts: Sequence[str], max_acts: Tensor,
+                 features: Sequence[int], *, n: int = 1, context_tokens: int = 16,
+                 layer: int | None = None) -> dict[int, list[str]]:
+    """For each feature, up to ``n`` prompts: the (at most ``context_tokens``) tokens just BEFORE its top token
+    in each of the ``n`` texts where it fires hardest, after which the model may write such a token itself.
+
+    ``max_acts`` is ``encode_texts(texts).max_acts``; texts where the feature is silent, or whose top token opens
+    the text, give no context (a feature may get none).
+    """
+    layer = sae_layer(sae, layer)
+    contexts: dict[int, list[str]] = {}
+    device = next(model.parameters()).device
+    with capture_residual(model, layer) as capture:
+        for f in features:
+            f = int(f)
+            values, rows = max_acts[:, f].topk(min(n, len(texts)))
+            for row in rows[values > 0].tolist():
+                ids = tokenizer(texts[row], return_tensors="pt")["input_ids"].to(device)
+                capture.clear()
+                model(input_ids=ids, use_cache=False)
+                acts = sae.encode_sparse(capture.last[0].to(sae.W_enc.device, sae.W_enc.dtype)).feature(f)
+                top = int(acts.argmax())
+                prefix = tokenizer.decode(ids[0, max(top - context_tokens, 0):top], skip_special_tokens=True)
+                if prefix.strip():
+                    contexts.setdefault(f, []).append(prefix)
+    return contexts
+
+
+class _PerRow:
+    """delta = vectors[row]: a different steering vector for each batch row, (B, 1, d_in)."""
+
+    def __init__(self, vectors: Tensor):
+        self.vectors = vectors.detach()
+
+    def __call__(self, hidden: Tensor) -> Tensor:
+        return self.vectors[: hidden.shape[0], None, :].to(hidden.device)
+
+
+@dataclass
+class SynthesisResult:
+    """What ``synthesize`` / ``unguided`` produced; ``covered`` are target ids some kept text activates."""
+
+    rows: list[dict]
+    targets: list[int]
+    covered: list[int]
+    n_generated: int
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def coverage(self) -> float:
+        return len(self.covered) / len(self.targets) if self.targets else 1.0
+
+    @property
+    def coverage_per_sample(self) -> float:
+        return len(self.covered) / max(self.n_generated, 1)
+
+    def dataset(self):
+        """The kept texts as a ``datasets.Dataset``."""
+        from datasets import Dataset
+
+        columns = ("text", "completion", "target_feature", "target_activation", "strategy", "prompt", "round")
+        return Dataset.from_dict({c: [r[c] for r in self.rows] for c in columns})
+
+    def save_jsonl(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.dataset().to_json(str(path), lines=True, force_ascii=False)
+        return path
+
+
+def _check_targets(targets, sae: SparseAutoencoder) -> list[int]:
+    targets = [int(t) for t in (targets.tolist() if isinstance(targets, Tensor) else targets)]
+    if not targets:
+        raise ValueError("no target features: the dataset already activates every feature of the domain")
+    bad = [t for t in targets if not 0 <= t < sae.d_sae]
+    if bad:
+        raise ValueError(f"target features {bad[:10]} are out of range for an SAE with d_sae={sae.d_sae}")
+    return targets
+
+
+def _fires(model, tokenizer, sae, prompts: list[str], completions: list[str]) -> Tensor:
+    """(n, d_sae) max activation over the COMPLETION tokens of prompt + completion, under the unsteered model:
+    the prompt is context only, so a feature counts only if it fires on generated text. Zeros if empty."""
+    out = torch.zeros(len(prompts), sae.d_sae)
+    keep = [i for i, c in enumerate(completions) if c.strip()]
+    if keep:
+        skip = [len(tokenizer(prompts[i])["input_ids"]) for i in keep]
+        out[keep] = encode_texts(model, tokenizer, sae, [prompts[i] + completions[i] for i in keep],
+                                 skip_tokens=skip, progress=False).max_acts
+    return out
+
+
+def synthesize(model, tokenizer, sae: SparseAutoencoder, targets: Sequence[int] | Tensor, prompts: Sequence[str], *,
+               strategy: str = "both", reference: Sequence[str] | None = None, per_target: int = 4,
+               strength: float = 4.0, max_new_tokens: int = 48, temperature: float = 1.0, seed: int = 0,
+               batch_size: int = 64) -> SynthesisResult:
+    """Generate texts aimed at each target feature and keep those that activate it (module docstring).
+
+    ``prompts``: openings to steer from (``"steer"``) and the fallback when a target has no context.
+    ``reference``: texts of the domain, where contexts and typical activations come from (needed by
+    ``"context"``; ``"steer"`` without it uses the median typical activation of the prompts' features).
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")
+    targets = _check_targets(targets, sae)
+    prompts = check_texts(prompts, "prompts")
+    if per_target < 1:
+        raise ValueError(f"per_target must be >= 1, got {per_target}")
+    contexts, typical = {}, {}
+    if reference is not None:
+        reference = check_texts(reference, "reference texts")
+        ref = encode_texts(model, tokenizer, sae, reference, desc="synthesize: reference").max_acts
+        if strategy in ("context", "both"):
+            contexts = top_contexts(model, tokenizer, sae, reference, ref, targets, n=per_target)
+        fired = ref > 0
+        typical = {t: float(ref[fired[:, t], t].mean()) for t in targets if fired[:, t].any()}
+    elif strategy == "context":
+        raise ValueError("strategy 'context' needs reference texts (where the targets' contexts come from)")
+    if not typical or len(typical) < len(targets):  # fallback scale: the median typical activation seen at all
+        base = encode_texts(model, tokenizer, sae, prompts[:256], progress=False).max_acts
+        fallback = float(base[base > 0].median()) if (base > 0).any() else 1.0
+        typical = {t: typical.get(t, fallback) for t in targets}
+
+    rng = random.Random(seed)
+    rows, covered, n_generated = [], set(), 0
+    for round_ in tqdm(range(per_target), desc="synthesize: rounds", leave=False):
+        todo = [t for t in targets if t not in covered]
+        if not todo:
+            break
+        # round r prompts with the target's r-th best context (cycling), or a random prompt if it has none
+        aims = [(t, contexts[t][round_ % len(contexts[t])] if strategy != "steer" and t in contexts
+                 else rng.choice(prompts)) for t in todo]
+        texts = []
+        for start in range(0, len(aims), batch_size):
+            chunk = aims[start:start + batch_size]
+            vectors = torch.stack([strength * typical[t] * sae.decoder_direction(t) for t, _ in chunk])
+            # each row steers toward its own target: one edit adding a (B, 1, d_in) per-row vector
+            edit = ResidualEdit(model, sae_layer(sae, None), _PerRow(vectors)) if strategy != "context" \
+                else contextlib.nullcontext()
+            with edit:
+                texts += generate(model, tokenizer, [p for _, p in chunk], max_new_tokens=max_new_tokens,
+                                  temperature=temperature, seed=seed + 1000 * round_ + start, batch_size=len(chunk),
+                                  progress=False)
+        n_generated += len(texts)
+        acts = _fires(model, tokenizer, sae, [p for _, p in aims], texts)
+        target_ids = torch.tensor(targets)
+        for (t, prompt), text, a in zip(aims, texts, acts):
+            hit = target_ids[a[target_ids] > 0].tolist()  # targets firing on a generated token, unsteered model
+            new = [t] if t in hit else [h for h in hit if h not in covered][:1]
+            if new:  # keep it for its own target, or else for another target it newly covers
+                rows.append(dict(text=prompt + text, completion=text, target_feature=new[0],
+                                 target_activation=float(a[new[0]]), strategy=strategy, prompt=prompt, round=round_))
+                covered |= set(hit)
+    return SynthesisResult(rows, targets, sorted(covered), n_generated)
+
+
+def unguided(model, tokenizer, sae: SparseAutoencoder, targets: Sequence[int] | Tensor, prompts: Sequence[str],
+             budget: int, *, max_new_tokens: int = 48, temperature: float = 1.0, seed: int = 0,
+             batch_size: int = 64) -> SynthesisResult:
+    """The baseline: ``budget`` plain samples from random ``prompts``; every sample is kept."""
+    targets = _check_targets(targets, sae)
+    prompts = check_texts(prompts, "prompts")
+    rng = random.Random(seed)
+    chosen = [rng.choice(prompts) for _ in range(budget)]
+    texts = generate(model, tokenizer, chosen, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+                     batch_size=batch_size)
+    acts = _fires(model, tokenizer, sae, chosen, texts)
+    target_ids = torch.tensor(targets)
+    hit = acts[:, target_ids] > 0  # (budget, n_targets)
+    rows = [dict(text=p + x, completion=x, target_feature=-1, target_activation=0.0, strategy="unguided",
+                 prompt=p, round=0) for x, p in zip(texts, chosen)]
+    return SynthesisResult(rows, targets, sorted(target_ids[hit.any(0)].tolist()), len(texts))

@@ -1,0 +1,129 @@
+"""Few-shot classification: the Qwen-Scope rule on known features, save / load, the world, bad input."""
+
+import json
+import random
+
+import pytest
+import torch
+
+from qscope_rl import SparseAutoencoder, load_sae
+from qscope_rl.classify import ClassifierError, FeatureClassifier, few_shot_curve, fit_classifier, macro_f1
+from qscope_rl.cli import main
+from qscope_rl.text_features import encode_texts
+
+D_SAE = 12
+
+
+def toy_sae(seed=0, d_sae=D_SAE):
+    g = torch.Generator().manual_seed(seed)
+    weights = {"W_enc": torch.randn(d_sae, 4, generator=g), "b_enc": torch.zeros(d_sae),
+               "W_dec": torch.randn(4, d_sae, generator=g), "b_dec": torch.zeros(4)}
+    return SparseAutoencoder.from_weights(weights, architecture="topk", k=2, layer=0, source=f"toy-{seed}")
+
+
+def toy_data(n=40, seed=0):
+    """Class "a" fires feature 3, class "b" fires feature 7; feature 0 fires on everything (noise)."""
+    g = torch.Generator().manual_seed(seed)
+    labels = ["a" if i % 2 == 0 else "b" for i in range(n)]
+    x = torch.zeros(n, D_SAE)
+    x[:, 0] = 1.0
+    for i, y in enumerate(labels):
+        x[i, 3 if y == "a" else 7] = 0.5 + torch.rand(1, generator=g).item()
+    return x, labels
+
+
+def test_rule_finds_the_class_features():
+    x, labels = toy_data()
+    clf = FeatureClassifier.fit(x, labels, toy_sae())
+    assert clf.rules() == {"a": [(3, 1.0)], "b": [(7, 1.0)]}  # K=1 is enough: smallest K wins ties
+    assert clf.predict(x) == labels
+    assert clf.rule_fires(x).tolist() == [[y == "a", y == "b"] for y in labels]
+
+
+def test_logistic_and_save_load_roundtrip(tmp_path):
+    x, labels = toy_data()
+    sae = toy_sae()
+    for kind in ("rule", "logistic"):
+        clf = FeatureClassifier.fit(x, labels, sae, kind)
+        path = clf.save(tmp_path / f"{kind}.safetensors")
+        again = FeatureClassifier.load(path, sae=sae)
+        assert again.kind == kind and again.classes == ["a", "b"]
+        torch.testing.assert_close(again.decision(x), clf.decision(x))
+        assert again.predict(x) == labels
+    assert b"pickle" not in path.read_bytes()[:64]
+
+
+def test_loading_against_another_sae_is_a_clear_error(tmp_path):
+    x, labels = toy_data()
+    path = FeatureClassifier.fit(x, labels, toy_sae(0)).save(tmp_path / "c.safetensors")
+    with pytest.raises(ClassifierError, match="fitted on another SAE.*fingerprint"):
+        FeatureClassifier.load(path, sae=toy_sae(1))
+    with pytest.raises(ClassifierError, match="d_sae 12 != 16"):
+        FeatureClassifier.load(path, sae=toy_sae(0, d_sae=16))
+
+
+@pytest.mark.parametrize("content", [b"", b"not a safetensors file"])
+def test_corrupt_or_missing_files(tmp_path, content):
+    with pytest.raises(ClassifierError, match="does not exist"):
+        FeatureClassifier.load(tmp_path / "missing.safetensors")
+    (tmp_path / "bad.safetensors").write_bytes(content)
+    with pytest.raises(ClassifierError, match="not a safetensors classifier"):
+        FeatureClassifier.load(tmp_path / "bad.safetensors")
+
+
+@pytest.mark.parametrize("labels, match", [(["a"] * 40, "at least two classes"), (["a", "b"], "one label per text")])
+def test_bad_fits(labels, match):
+    x, _ = toy_data()
+    with pytest.raises(ValueError, match=match):
+        FeatureClassifier.fit(x, labels, toy_sae())
+    with pytest.raises(ValueError, match="unknown classifier kind"):
+        FeatureClassifier.fit(x, _, toy_sae(), kind="svm")
+
+
+def test_macro_f1():
+    assert macro_f1(["a", "b", "b"], ["a", "b", "b"]) == 1.0
+    assert macro_f1(["a", "b"], ["b", "b"]) == pytest.approx((0 + 2 / 3) / 2)
+
+
+def test_world_topics(world, tmp_path):
+    sae = load_sae(world.sae_dir, layer=world.layer)
+    rng = random.Random(0)
+    docs = world.documents("train")
+    topics = world.topics[:3]
+    pool = [d for t in topics for d in rng.sample([d for d in docs if d.topic == t], 8)]
+    test = [d for d in world.documents("heldout") if d.topic in topics][:60]
+    with pytest.raises(ValueError, match="empty"):
+        fit_classifier(world.model, world.tokenizer, sae, [], [])
+    clf = fit_classifier(world.model, world.tokenizer, sae, [d.text for d in pool], [d.topic for d in pool],
+                         progress=False)
+    pred = clf.predict_texts(world.model, world.tokenizer, sae, [d.text for d in test], progress=False)
+    assert set(pred) <= set(topics)
+    chance = 1 / len(topics)
+    assert macro_f1([d.topic for d in test], pred, topics) > chance
+    ftrain = encode_texts(world.model, world.tokenizer, sae, [d.text for d in pool], progress=False)
+    ftest = encode_texts(world.model, world.tokenizer, sae, [d.text for d in test], progress=False)
+    curve = few_shot_curve(sae, ftrain, [d.text for d in pool], [d.topic for d in pool], ftest,
+                           [d.text for d in test], [d.topic for d in test], seeds_per_class=(2, 8), repeats=1)
+    assert set(curve) == {"sae_rule", "sae_logistic", "dense_probe", "tfidf_logistic"}
+    assert all(0 <= f <= 1 for per_n in curve.values() for f in per_n.values())
+    with pytest.raises(ValueError, match="not enough training texts"):
+        few_shot_curve(sae, ftrain, [d.text for d in pool], [d.topic for d in pool], ftest,
+                       [d.text for d in test], [d.topic for d in test], seeds_per_class=(9,), repeats=1)
+
+
+def test_cli_fit_predict(world, world_cache, monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("QSCOPE_RL_CACHE", str(world_cache))
+    seeds = tmp_path / "seeds.jsonl"
+    docs = world.documents("train")
+    chosen = [d for t in world.topics[:2] for d in [d for d in docs if d.topic == t][:6]]
+    seeds.write_text("".join(json.dumps({"text": d.text, "label": d.topic}) + "\n" for d in chosen))
+    clf = tmp_path / "clf.safetensors"
+    assert main(["classify", "fit", "--texts", str(seeds), "--classifier", str(clf), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["classes"] == sorted(world.topics[:2])
+    new = tmp_path / "new.txt"
+    new.write_text("\n".join(d.text for d in world.documents("heldout")[:5]) + "\n")
+    assert main(["classify", "predict", "--classifier", str(clf), "--texts", str(new), "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)) == 5
+    FeatureClassifier.fit(*toy_data(), toy_sae()).save(tmp_path / "other.safetensors")
+    with pytest.raises(SystemExit, match="another SAE"):
+        main(["classify", "predict", "--classifier", str(tmp_path / "other.safetensors"), "--texts", str(new)])

@@ -1,0 +1,95 @@
+"""Evaluation redundancy: exact coverage curve against brute force, overlap, the demo world, bad input."""
+
+import itertools
+import json
+import math
+
+import pytest
+import torch
+
+from qscope_rl import load_sae
+from qscope_rl.cli import main
+from qscope_rl.cli_utilities import DEMO_BENCHMARKS, demo_benchmarks, overlap_spearman
+from qscope_rl.redundancy import (
+    compare_benchmarks,
+    compare_footprints,
+    coverage_curve,
+    footprints,
+    overlap,
+    redundancy_score,
+)
+
+SAMPLES = [frozenset(s) for s in ({1, 2}, {2, 3}, {2}, {4, 5, 6}, {1})]
+
+
+def brute_force_curve(samples):
+    union = frozenset().union(*samples)
+    return [sum(len(frozenset().union(*c)) / len(union) for c in itertools.combinations(samples, n))
+            / math.comb(len(samples), n) for n in range(1, len(samples) + 1)]
+
+
+def test_coverage_curve_is_exact():
+    torch.testing.assert_close(coverage_curve(SAMPLES), torch.tensor(brute_force_curve(SAMPLES), dtype=torch.float64))
+    assert coverage_curve(SAMPLES)[-1] == 1.0
+    assert redundancy_score(SAMPLES) == pytest.approx(sum(brute_force_curve(SAMPLES)) / len(SAMPLES))
+
+
+def test_redundancy_orders_duplicated_benchmarks_higher():
+    diverse = [frozenset({i}) for i in range(6)]
+    duplicated = [frozenset({0, 1})] * 6
+    assert redundancy_score(duplicated) == 1.0
+    assert redundancy_score(diverse) < 0.6
+
+
+def test_overlap_is_asymmetric():
+    small, big = frozenset({1, 2}), frozenset({1, 2, 3, 4})
+    assert overlap(small, big) == 1.0 and overlap(big, small) == 0.5
+    report = compare_footprints({"small": [small], "big": [big]})
+    assert report.overlap.tolist() == [[1.0, 1.0], [0.5, 1.0]]
+    assert "small" in report.table()
+
+
+@pytest.mark.parametrize("bad", [{}, {"a": [], "b": [frozenset({1})]}])
+def test_empty_benchmarks_are_rejected(bad):
+    with pytest.raises(ValueError, match="no benchmarks|no samples"):
+        compare_footprints(bad)
+
+
+def test_empty_texts_are_rejected(world):
+    sae = load_sae(world.sae_dir, layer=world.layer)
+    with pytest.raises(ValueError, match="no samples"):
+        compare_benchmarks(world.model, world.tokenizer, sae, {"a": ["some text"], "b": []})
+    with pytest.raises(ValueError, match="empty"):
+        footprints(world.model, world.tokenizer, sae, ["fine", "  "])
+
+
+def test_world_footprints_and_overlap(world, tmp_path):
+    sae = load_sae(world.sae_dir, layer=world.layer)
+    benchmarks, truth = demo_benchmarks(world, per_topic=4)
+    assert len(truth) == len(DEMO_BENCHMARKS) * (len(DEMO_BENCHMARKS) - 1)
+    report = compare_benchmarks(world.model, world.tokenizer, sae, benchmarks, progress=False)
+    assert report.overlap.shape == (6, 6)
+    torch.testing.assert_close(report.overlap.diagonal(), torch.ones(6, dtype=torch.float64))
+    assert all(0 < r <= 1 for r in report.redundancy)
+    assert all(0 < f <= sae.d_sae for f in report.footprint_size)
+    # a last-token footprint has at most k features
+    prints = footprints(world.model, world.tokenizer, sae, benchmarks["A"][:3], progress=False)
+    assert all(0 < len(p) <= sae.k for p in prints)
+    assert -1 <= overlap_spearman(report, truth) <= 1
+    png = report.plot(tmp_path / "overlap.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_redundancy(world, world_cache, monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("QSCOPE_RL_CACHE", str(world_cache))
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.txt"
+    docs = world.documents("heldout")
+    a.write_text("".join(json.dumps({"text": d.text}) + "\n" for d in docs[:6]))
+    b.write_text("".join(d.text + "\n" for d in docs[4:12]))
+    assert main(["redundancy", "--benchmark", f"a={a}", "--benchmark", f"b={b}", "--json",
+                 "--plot", str(tmp_path / "h.png")]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out["overlap"]) == {"a", "b"} and out["benchmarks"]["b"]["n_samples"] == 8
+    assert (tmp_path / "h.png").exists()
+    with pytest.raises(SystemExit, match="NAME=FILE"):
+        main(["redundancy", "--benchmark", str(a)])

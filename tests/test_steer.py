@@ -1,0 +1,132 @@
+"""Steering for generation: strengths, seeded generation parity, hooks removed, the world's measured effects."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from qscope_rl import load_sae
+from qscope_rl.cli import main
+from qscope_rl.cli_utilities import steering_metrics, world_topic_pack
+from qscope_rl.discovery import discover_language_features
+from qscope_rl.feature_pack import Feature, FeaturePack
+from qscope_rl.hooks import decoder_layer
+from qscope_rl.steer import (
+    PRESETS,
+    generate,
+    merge_strengths,
+    parse_strength,
+    perplexity,
+    relative_strengths,
+    steer,
+)
+
+
+@pytest.fixture(scope="module")
+def zh_pack(world, tmp_path_factory):
+    """The "Chinese" features, from a small sample of clean documents (the world's own packs use all of them)."""
+    sae = load_sae(world.sae_dir, layer=world.layer)
+    clean = [d for d in world.documents("train") if d.switch_char is None and d.loop_char is None]
+    texts = {lang: [d.text for d in clean if d.lang == lang][:150] for lang in ("en", "zh")}
+    pack = discover_language_features(world.model, world.tokenizer, sae, texts, top_k=8)["zh"]
+    return pack, pack.save(tmp_path_factory.mktemp("packs") / "zh.json")
+
+
+@pytest.mark.parametrize("text, expected", [
+    (-3.5, (-3.5, False)), ("2", (2.0, False)), ("strong", (10.0, True)), ("-medium", (-2.0, True)),
+    ("+light", (0.5, True)), ("4x", (4.0, True)), ("-0.5x", (-0.5, True)),
+])
+def test_parse_strength(text, expected):
+    assert parse_strength(text) == expected
+
+
+def test_bad_strength_is_explained():
+    with pytest.raises(ValueError, match="preset light/medium/strong"):
+        parse_strength("very strong")
+
+
+def toy_pack():
+    feats = [Feature(3, "a", 1.0, {"mean_act_pos": 2.5, "mean_act_neg": 0.5}), Feature(5, "b", 0.5, {})]
+    return FeaturePack("toy", "contrastive", "m", "s", 0, 8, 4, feats)
+
+
+def test_relative_strengths():
+    pack = toy_pack()
+    assert relative_strengths(pack, "-strong", top=1) == {3: -PRESETS["strong"] * 2.0}
+    assert relative_strengths(pack, 1.5) == {3: 1.5, 5: 1.5}  # raw alpha needs no statistics
+    with pytest.raises(ValueError, match="no mean_act_pos"):
+        relative_strengths(pack, "medium")
+    with pytest.raises(ValueError, match=r"features \[7\] are not in feature pack"):
+        relative_strengths(pack, "medium", features=[7])
+    assert merge_strengths({1: 1.0}, {1: 0.5, 2: -1.0}) == {1: 1.5, 2: -1.0}
+
+
+def test_generation_parity_and_hooks_removed(world):
+    sae = load_sae(world.sae_dir, layer=world.layer)
+    prompts = [p.text for p in world.prompts("heldout", "en")[:6]]
+    kw = dict(max_new_tokens=12, seed=3, progress=False)
+    plain = generate(world.model, world.tokenizer, prompts, **kw)
+    assert generate(world.model, world.tokenizer, prompts, **kw) == plain  # seeded
+    with steer(world.model, sae, {0: 0.0, 1: 0.0}):  # a zero edit is the identity
+        assert generate(world.model, world.tokenizer, prompts, **kw) == plain
+    with steer(world.model, sae, {0: 40.0}, positions=slice(0, 2)):  # only the first two positions
+        assert generate(world.model, world.tokenizer, prompts, **kw) != plain
+    assert not decoder_layer(world.model, world.layer)._forward_hooks
+    assert generate(world.model, world.tokenizer, prompts, **kw) == plain
+    with pytest.raises(ValueError, match="out of range"):
+        steer(world.model, sae, {sae.d_sae: 1.0})
+    with pytest.raises(ValueError, match="non-empty list of prompts"):
+        generate(world.model, world.tokenizer, [])
+
+
+def test_perplexity_matches_the_loss(world):
+    tok, model = world.tokenizer, world.model
+    prompt, completion = "the cat", " sat on the mat."
+    p, c = tok(prompt)["input_ids"], tok(completion, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([p + c])
+    labels = ids.clone()
+    labels[0, :len(p)] = -100
+    with torch.no_grad():
+        loss = model(input_ids=ids, labels=labels).loss
+    assert perplexity(model, tok, [prompt], [completion]) == pytest.approx(math.exp(loss.item()), rel=1e-4)
+    assert math.isnan(perplexity(model, tok, [prompt], [""]))
+    with pytest.raises(ValueError, match="1 prompts but 2 completions"):
+        perplexity(model, tok, [prompt], ["a", "b"])
+
+
+@pytest.mark.slow
+def test_world_suppression_and_topic_steering(world, zh_pack):
+    sae = load_sae(world.sae_dir, layer=world.layer)
+    model, tok = world.model, world.tokenizer
+    prompts = world.prompts("heldout", "en")[:32]
+    texts = [p.text for p in prompts]
+    kw = dict(max_new_tokens=32, progress=False)
+    base = steering_metrics(world, prompts, generate(model, tok, texts, **kw), model, tok)
+    with steer(model, sae, relative_strengths(zh_pack[0], "-medium", top=8)):
+        suppressed = steering_metrics(world, prompts, generate(model, tok, texts, **kw), model, tok)
+    assert suppressed["code_switch_rate"] <= base["code_switch_rate"]
+    topic = world.topics[0]
+    others = [p for p in world.prompts("heldout") if p.topic != topic][:16]
+    other_texts = [p.text for p in others]
+    before = steering_metrics(world, others, generate(model, tok, other_texts, **kw), model, tok, topic)
+    with steer(model, sae, relative_strengths(world_topic_pack(world, sae, topic, n_texts=80), "strong", top=8)):
+        after = steering_metrics(world, others, generate(model, tok, other_texts, **kw), model, tok, topic)
+    assert after["topic_share"] > before["topic_share"]
+    assert after["perplexity"] > before["perplexity"]  # the fluency cost of strong additive steering
+
+
+def test_cli_steer(world, world_cache, zh_pack, monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("QSCOPE_RL_CACHE", str(world_cache))
+    png = tmp_path / "sweep.png"
+    assert main(["steer", "--pack", str(zh_pack[1]), "--sweep=-light,-medium", "-n", "4", "--max-new-tokens", "8",
+                 "--json", "--plot", str(png)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out["runs"]) == {"unsteered", "-light", "-medium"}
+    assert all(len(r["completions"]) == 4 and "code_switch_rate" in r["metrics"] for r in out["runs"].values())
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    assert main(["steer", "--feature", "3=-2.5", "--prompt", "the", "--max-new-tokens", "4"]) == 0
+    with pytest.raises(SystemExit, match="relative strength needs --pack"):
+        main(["steer", "--feature", "3=strong", "--prompt", "the"])
+    with pytest.raises(SystemExit, match="out of range"):
+        main(["steer", "--feature", "99999=1", "--prompt", "the"])

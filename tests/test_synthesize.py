@@ -1,0 +1,96 @@
+"""Synthesis for inactive features: targets, kept candidates really fire, the dataset, bad input."""
+
+import json
+
+import pytest
+import torch
+
+from qscope_rl import load_sae
+from qscope_rl.cli import main
+from qscope_rl.feature_pack import Feature, FeaturePack
+from qscope_rl.hooks import capture_residual
+from qscope_rl.synthesize import feature_coverage, synthesize, target_features, unguided
+from qscope_rl.text_features import encode_texts
+
+
+def test_target_features():
+    coverage = torch.tensor([0, 3, 0, 0, 1])
+    assert target_features(coverage).tolist() == [0, 2, 3]
+    assert target_features(coverage, [3, 1, 0]).tolist() == [0, 3]
+    assert target_features(coverage, torch.tensor([True, True, False, True, True])).tolist() == [0, 3]
+    pack = FeaturePack("p", "contrastive", "m", "s", 0, 5, 4, [Feature(2, "x", 1.0), Feature(4, "y", 0.5)])
+    assert target_features(coverage, pack).tolist() == [2]
+    with pytest.raises(ValueError, match="out of range"):
+        target_features(coverage, [7])
+    with pytest.raises(ValueError, match="mask must have shape"):
+        target_features(coverage, torch.tensor([True, False]))
+
+
+def test_skip_tokens_pools_only_the_rest(world):
+    sae = load_sae(world.sae_dir, layer=world.layer)
+    text = world.documents("heldout")[0].text
+    ids = world.tokenizer(text, return_tensors="pt")["input_ids"]
+    with capture_residual(world.model, world.layer) as cap:
+        world.model(input_ids=ids)
+    dense = sae.encode(cap.last[0])  # (T, d_sae)
+    feats = encode_texts(world.model, world.tokenizer, sae, [text, text], skip_tokens=[0, 5], progress=False)
+    torch.testing.assert_close(feats.max_acts[0], dense.max(0).values)
+    torch.testing.assert_close(feats.max_acts[1], dense[5:].max(0).values)
+    torch.testing.assert_close(feats.mean_hidden[1], cap.last[0, 5:].mean(0))
+
+
+def test_world_synthesis_keeps_only_real_activations(world, tmp_path):
+    sae = load_sae(world.sae_dir, layer=world.layer)
+    model, tok = world.model, world.tokenizer
+    data = [d.text for d in world.documents("train") if d.lang == "en"][:16]
+    reference = [d.text for d in world.documents("heldout") if d.lang == "zh"][:40]
+    coverage = feature_coverage(model, tok, sae, data, progress=False)
+    assert coverage.shape == (sae.d_sae,) and int(coverage.max()) <= len(data)
+    targets = target_features(coverage, feature_coverage(model, tok, sae, reference, progress=False) > 0)[:8]
+    assert len(targets) > 0 and (coverage[targets] == 0).all()
+    prompts = [p.text for p in world.prompts("train", "en")]
+    result = synthesize(model, tok, sae, targets, prompts, reference=reference, per_target=2, max_new_tokens=24)
+    assert result.n_generated <= 2 * len(targets)
+    assert set(result.covered) <= set(targets.tolist()) and 0 <= result.coverage <= 1
+    for row in result.rows:  # every kept text fires its target on a generated token, unsteered
+        skip = len(tok(row["prompt"])["input_ids"])
+        acts = encode_texts(model, tok, sae, [row["text"]], skip_tokens=[skip], progress=False).max_acts[0]
+        assert acts[row["target_feature"]] > 0
+        assert row["text"] == row["prompt"] + row["completion"]
+    if result.rows:
+        path = result.save_jsonl(tmp_path / "synth.jsonl")
+        lines = [json.loads(x) for x in path.read_text().splitlines()]
+        assert len(lines) == len(result.rows) and {"text", "target_feature", "strategy"} <= set(lines[0])
+    base = unguided(model, tok, sae, targets, prompts, budget=6, max_new_tokens=24)
+    assert base.n_generated == 6 and len(base.dataset()) == 6
+
+
+def test_bad_input(world):
+    sae = load_sae(world.sae_dir, layer=world.layer)
+    model, tok = world.model, world.tokenizer
+    with pytest.raises(ValueError, match="dataset is empty"):
+        feature_coverage(model, tok, sae, [])
+    with pytest.raises(ValueError, match="no target features"):
+        synthesize(model, tok, sae, [], ["a prompt"])
+    with pytest.raises(ValueError, match="out of range"):
+        synthesize(model, tok, sae, [sae.d_sae + 3], ["a prompt"])
+    with pytest.raises(ValueError, match="needs reference texts"):
+        synthesize(model, tok, sae, [1], ["a prompt"], strategy="context")
+    with pytest.raises(ValueError, match="unknown strategy"):
+        synthesize(model, tok, sae, [1], ["a prompt"], strategy="magic")
+
+
+def test_cli_synthesize(world, world_cache, monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("QSCOPE_RL_CACHE", str(world_cache))
+    out = tmp_path / "synth.jsonl"
+    data = tmp_path / "data.txt"
+    data.write_text("\n".join(d.text for d in world.documents("train")[:8]) + "\n")
+    assert main(["synthesize", "--dataset", str(data), "--per-target", "1", "--max-new-tokens", "16",
+                 "--unguided", "--out", str(out), "--json", "--plot", str(tmp_path / "s.png")]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["targets"] > 0 and 0 <= summary["coverage"] <= 1 and "unguided_coverage" in summary
+    assert (tmp_path / "s.png").exists()
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    with pytest.raises(SystemExit, match="holds no texts"):
+        main(["synthesize", "--dataset", str(empty)])
