@@ -97,9 +97,9 @@ def main() -> None:
                   flush=True)
     best = {p: min(t) for p, t in times.items()}
     memory = {p: memory_of(p, args) for p in paths}
-    print(f"{'path':<8} {'best s':>8} {'Mtok/s':>8} {'peak MiB':>9}")
+    print(f"{'path':<8} {'best s':>8} {'ktok/s':>8} {'peak MiB':>9}")
     for p in paths:
-        print(f"{p:<8} {best[p]:>8.3f} {args.tokens / best[p] / 1e6:>8.3f} {memory[p] / 2**20:>9.0f}")
+        print(f"{p:<8} {best[p]:>8.3f} {args.tokens / best[p] / 1e3:>8.2f} {memory[p] / 2**20:>9.0f}")
     result = {
         "sparse_vs_matmul": round(best["matmul"] / best["sparse"], 3),
         "sparse_vs_dense": round(best["dense"] / best["sparse"], 3),
