@@ -7,9 +7,10 @@ from files: JSONL with a "text" field (and "lang" for language discovery) or pla
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
+
+from .cli import read_records
 
 METHODS = ("language", "repetition", "contrastive")
 
@@ -45,26 +46,14 @@ def register(subparsers) -> None:
 
 def read_texts(path: str, with_lang: bool = False) -> list:
     """Texts from JSONL ({"text": ..., "lang": ...}) or plain text (one per line); (text, lang) if with_lang."""
-    file = Path(path)
-    if not file.is_file():
-        raise SystemExit(f"error: text file {path} does not exist")
-    rows = []
-    for n, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        if line.lstrip().startswith("{"):
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise SystemExit(f"error: {path}:{n} is not valid JSON ({err})") from err
-            if with_lang and "lang" not in record:
-                raise SystemExit(f"error: {path}:{n} has no \"lang\" field (language discovery needs one)")
-            rows.append((record["text"], record["lang"]) if with_lang else record["text"])
-        elif with_lang:
-            raise SystemExit(f"error: {path}:{n}: language discovery needs JSONL lines with text and lang")
-        else:
-            rows.append(line)
-    return rows
+    records = read_records(path)
+    if not with_lang:
+        return [r["text"] for r in records]
+    for n, record in enumerate(records, 1):
+        if "lang" not in record:
+            raise SystemExit(f"error: {path}: text {n} has no \"lang\" field (language discovery needs JSONL "
+                             f"lines with text and lang)")
+    return [(r["text"], r["lang"]) for r in records]
 
 
 def _cap(texts: list[str], n: int, seed: int) -> list[str]:

@@ -9,11 +9,10 @@ The ``demo_*`` / ``world_*`` helpers here are the demo world's glue, shared with
 
 from __future__ import annotations
 
-import json
 import random
-from pathlib import Path
 
 from . import judges
+from .cli import read_records
 
 
 def register(subparsers) -> None:
@@ -58,30 +57,6 @@ class _Loaded:
             self.sae = load_sae(args.sae, layer=args.layer, device=args.device)
         if args.device:
             self.model = self.model.to(args.device)
-
-
-def read_records(path: str, field: str = "text") -> list[dict]:
-    """Records from JSONL (objects with ``field``) or plain text (one ``{field: line}`` per line)."""
-    file = Path(path)
-    if not file.is_file():
-        raise SystemExit(f"error: file {path} does not exist")
-    rows = []
-    for n, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        if line.lstrip().startswith("{"):
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise SystemExit(f"error: {path}:{n} is not valid JSON ({err})") from err
-            if field not in record:
-                raise SystemExit(f"error: {path}:{n} has no {field!r} field")
-            rows.append(record)
-        else:
-            rows.append({field: line})
-    if not rows:
-        raise SystemExit(f"error: {path} holds no texts")
-    return rows
 
 
 def _fail(err: Exception) -> SystemExit:
