@@ -86,6 +86,12 @@ def relative_strengths(pack: FeaturePack, strength: float | str, *, top: int | N
     return {i: value * scales[i] for i in ids}
 
 
+def sampling_kwargs(temperature: float) -> dict:
+    """`generate` arguments for pure ancestral sampling at `temperature` (0 = greedy): no top-k / top-p."""
+    return dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 \
+        else dict(do_sample=False)
+
+
 @torch.no_grad()
 def generate(model: nn.Module, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 48,
              temperature: float = 1.0, seed: int = 0, batch_size: int = 64, progress: bool = True) -> list[str]:
@@ -94,8 +100,7 @@ def generate(model: nn.Module, tokenizer, prompts: Sequence[str], *, max_new_tok
     an unsteered call with the same seed draw the same random numbers."""
     if isinstance(prompts, str) or not prompts:
         raise ValueError("generate needs a non-empty list of prompts")
-    sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 \
-        else dict(do_sample=False)
+    sampling = sampling_kwargs(temperature)
     side, tokenizer.padding_side = tokenizer.padding_side, "left"  # decoder-only models generate from the left
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -25,6 +25,7 @@ from qscope_rl.feature_pack import FeaturePack
 from qscope_rl.hooks import capture_residual, hidden_size
 from qscope_rl.loaders import load_sae
 from qscope_rl.sae import SparseAutoencoder
+from qscope_rl.steer import sampling_kwargs
 
 ON_LIMIT = ("warn", "stop")
 
@@ -146,9 +147,7 @@ class SAEMonitor:
     def _sample(self, model: nn.Module, enc) -> tuple[Tensor, Tensor, Tensor]:
         """Sampled completions: prompt + completion ids, their attention mask, and the completion mask."""
         tok = self.tokenizer
-        sampling = dict(do_sample=True, temperature=self.temperature, top_k=0, top_p=1.0)
-        if self.temperature <= 0:
-            sampling = dict(do_sample=False)
+        sampling = sampling_kwargs(self.temperature)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             out = model.generate(**enc, max_new_tokens=self.max_new_tokens, pad_token_id=tok.pad_token_id,

@@ -14,6 +14,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
+from ..steer import generate
+
 
 @dataclass(frozen=True)
 class LMSpec:
@@ -130,7 +132,6 @@ def eval_loss(model: Qwen3ForCausalLM, rows: torch.Tensor, pad_id: int, batch_si
     return total / max(count, 1)
 
 
-@torch.no_grad()
 def sample(
     model: Qwen3ForCausalLM,
     tokenizer: PreTrainedTokenizerFast,
@@ -143,22 +144,7 @@ def sample(
     """Batched generate (left padding); returns the completions only, special tokens dropped.
 
     Pure ancestral sampling at `temperature` (no top-k / top-p truncation, unlike HF's defaults);
-    temperature 0 means greedy. The global torch RNG is left untouched.
+    temperature 0 means greedy. The global torch RNG is left untouched. (`qscope_rl.steer.generate`.)
     """
-    sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
-    if temperature <= 0:
-        sampling = dict(do_sample=False)
-    out = []
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for i in range(0, len(prompts), batch_size):
-            enc = tokenizer(list(prompts[i : i + batch_size]), return_tensors="pt", padding=True)
-            gen = model.generate(
-                **enc,
-                max_new_tokens=max_new_tokens,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                **sampling,
-            )
-            out += tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-    return out
+    return generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+                    batch_size=batch_size, progress=False)
