@@ -39,7 +39,7 @@ from qscope_rl.cli_utilities import (
 )
 from qscope_rl.loaders import load_sae
 from qscope_rl.redundancy import compare_benchmarks
-from qscope_rl.steer import generate, relative_strengths, steer
+from qscope_rl.steered_generation import generate, relative_strengths, steer
 from qscope_rl.synthesize import feature_coverage, synthesize, target_features, unguided
 from qscope_rl.world import World, load_world
 from qscope_rl.world.packs import world_packs

@@ -169,7 +169,7 @@ def _load_pack(loaded, name: str, seed: int):
 
 def _strength_maps(args, loaded, pack) -> list[tuple[str, dict[int, float]]]:
     """[(label, {feature: alpha})] for every strength asked (one, or each of the sweep)."""
-    from .steer import merge_strengths, parse_strength, relative_strengths
+    from .steered_generation import merge_strengths, parse_strength, relative_strengths
 
     explicit: dict[int, float] = {}
     for item in args.feature:
@@ -195,7 +195,7 @@ def _strength_maps(args, loaded, pack) -> list[tuple[str, dict[int, float]]]:
 def steering_metrics(world, prompts, completions, base_model, tokenizer, target_topic: str | None = None) -> dict:
     """Judge completions on the world: code-switch rate (Unicode script), share judged on ``target_topic``,
     and the unsteered model's perplexity on them."""
-    from .steer import perplexity
+    from .steered_generation import perplexity
 
     out = {"code_switch_rate": sum(judges.script_code_switch(c, p.lang) for p, c in zip(prompts, completions))
            / len(completions),
@@ -208,7 +208,7 @@ def steering_metrics(world, prompts, completions, base_model, tokenizer, target_
 
 def _steer(args) -> int:
     from .cli import print_json
-    from .steer import generate, steer
+    from .steered_generation import generate, steer
 
     loaded = _Loaded(args)
     pack = _load_pack(loaded, args.pack, args.seed) if args.pack else None

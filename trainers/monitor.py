@@ -25,7 +25,7 @@ from qscope_rl.feature_pack import FeaturePack
 from qscope_rl.hooks import capture_residual, hidden_size
 from qscope_rl.loaders import load_sae
 from qscope_rl.sae import SparseAutoencoder
-from qscope_rl.steer import sampling_kwargs
+from qscope_rl.steered_generation import sampling_kwargs
 
 ON_LIMIT = ("warn", "stop")
 
