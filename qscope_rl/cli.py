@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 # Each module defines `register(subparsers)`; its parsers set `func(args) -> int | None`.
-COMMAND_MODULES = ("qscope_rl.cli_sae", "qscope_rl.world.cli", "qscope_rl.cli_features", "qscope_rl.cli_utilities")
+COMMAND_MODULES = ("qscope_rl.cli_sae", "qscope_rl.world.cli", "qscope_rl.cli_features", "qscope_rl.cli_utilities",
+                   "qscope_rl.cli_demo", "qscope_rl.cli_train")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -68,7 +68,7 @@ def _fail(err: Exception) -> SystemExit:
 
 def world_topic(world, text: str, lang: str) -> str | None:
     """The topic whose vocabulary (in ``lang``) makes up most of ``text``, by the world's ground truth."""
-    shares = {t: world.task_reward(text, t, lang) for t in world.topics}
+    shares = {t: world.topic_share(text, t, lang) for t in world.topics}
     best = max(shares, key=shares.get)
     return best if shares[best] > 0 else None
 

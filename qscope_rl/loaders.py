@@ -16,12 +16,13 @@ import json
 import os
 import pickle
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
-from .releases import find_release, parse_repo_name, release_for_repo
+from .releases import Release, find_release, parse_repo_name, release_for_repo
 from .sae import SparseAutoencoder
 
 _LAYER_FILE = re.compile(r"layer(\d+)\.sae\.pt$")
@@ -246,7 +247,25 @@ def _check_cfg_sizes(path: Path, cfg: dict, weights: dict) -> None:
 # -- Hub --------------------------------------------------------------------------------------------
 
 
-def _load_hub(source: str, layer: int | None, k: int | None) -> SparseAutoencoder:
+@dataclass(frozen=True)
+class HubSAE:
+    """The Hub file `load_sae` would download for a source and layer, found without any network access."""
+
+    repo_id: str
+    filename: str
+    k: int | None
+    release: Release | None  # None for a repo outside the Qwen-Scope table (layer range not checked)
+
+    def is_cached(self) -> bool:
+        """Whether the file is already in the local huggingface_hub cache."""
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(self.repo_id, self.filename), str)
+
+
+def resolve_hub_sae(source: str, layer: int | None, k: int | None = None) -> HubSAE:
+    """Map a Hub repo id or model name to its repo and ``layer{L}.sae.pt``, checking the layer against the
+    releases table; no download. Raises `SAELoadError` / ValueError on an unknown model or a bad layer."""
     repo_id = source
     release = release_for_repo(source)
     if release is None and parse_repo_name(source) is None:
@@ -255,15 +274,24 @@ def _load_hub(source: str, layer: int | None, k: int | None) -> SparseAutoencode
         repo_id = release.repo_id
     if layer is None:
         raise SAELoadError(f"{repo_id} holds one SAE per decoder layer: pass layer=")
-    if release is not None:
-        filename = release.filename(layer)  # range-checked before any download
-    else:
-        filename = f"layer{layer}.sae.pt"
-    file = _hub_download(repo_id, filename)
-    k = k or (release.k if release else _k_from_name(repo_id))
-    sae = _load_qwen_scope_file(file, layer, k, repo_id)
+    filename = release.filename(layer) if release is not None else f"layer{layer}.sae.pt"  # range-checked
+    return HubSAE(repo_id, filename, k or (release.k if release else _k_from_name(repo_id)), release)
+
+
+def sae_source_kind(source: str | os.PathLike) -> str:
+    """How `load_sae` reads a source: "local" (it exists), "missing" (a path that does not) or "hub"."""
+    if Path(os.fspath(source)).expanduser().exists():
+        return "local"
+    return "missing" if _looks_like_path(str(source)) else "hub"
+
+
+def _load_hub(source: str, layer: int | None, k: int | None) -> SparseAutoencoder:
+    hub = resolve_hub_sae(source, layer, k)
+    file = _hub_download(hub.repo_id, hub.filename)
+    sae = _load_qwen_scope_file(file, layer, hub.k, hub.repo_id)
+    release = hub.release
     if release is not None and (sae.d_in, sae.d_sae) != (release.d_model, release.d_sae):
-        raise SAELoadError(f"{repo_id}/{filename} has d_in={sae.d_in}, d_sae={sae.d_sae}; the release "
+        raise SAELoadError(f"{hub.repo_id}/{hub.filename} has d_in={sae.d_in}, d_sae={sae.d_sae}; the release "
                            f"table says d_model={release.d_model}, d_sae={release.d_sae}")
     return sae
 

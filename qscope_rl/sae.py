@@ -105,13 +105,17 @@ class SparseAutoencoder(nn.Module):
                     f"for W_enc of shape (d_sae={d_sae}, d_in={d_in})"
                 )
         for name in required:
-            if not torch.isfinite(weights[name]).all():
+            # checked in slices: a whole-tensor isfinite would allocate a quarter of a float32 SAE again
+            if not all(bool(torch.isfinite(part).all()) for part in weights[name].split(4096)):
                 raise ValueError(f"SAE tensor {name} contains NaN or inf values")
         dtype = kwargs.pop("dtype", None) or W_enc.dtype
-        sae = cls(d_in, d_sae, dtype=dtype, **kwargs)
-        with torch.no_grad():
-            for name in required:
-                getattr(sae, name).copy_(weights[name])
+        # Built on the meta device, then the loaded tensors are adopted (a copy only where the dtype changes):
+        # a fresh module plus copy_ would hold the SAE twice while loading.
+        sae = cls(d_in, d_sae, dtype=dtype, device="meta", **kwargs)
+        state = {name: weights[name].detach().to(dtype).contiguous() for name in required}
+        sae.load_state_dict(state, assign=True)
+        for param in sae.parameters():
+            param.requires_grad_(False)  # assign=True takes the loaded tensors' flags: keep the SAE frozen
         return sae
 
     # -- encoding -------------------------------------------------------------------------------------
@@ -136,6 +140,15 @@ class SparseAutoencoder(nn.Module):
     def encode(self, x: Tensor) -> Tensor:
         """Dense feature activations (..., d_sae), numerically those of the source format."""
         return self.activate(self.pre_acts(x))
+
+    def memory_bounded_chunk(self, budget: float = 0.05) -> int:
+        """Tokens per `encode_sparse` chunk whose dense buffers stay within ``budget`` of the SAE's weights.
+
+        A chunk holds about two (chunk, d_sae) buffers (pre-activations and top-k's workspace) and the
+        weights are about 2 * d_in * d_sae numbers, so the answer is ``budget * d_in`` tokens (102 for
+        Qwen3-1.7B): trainers use it, so that encoding rollouts never costs more than 5% of the SAE again.
+        """
+        return max(1, int(budget * self.d_in))
 
     def encode_sparse(self, x: Tensor, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> SparseActs:
         """Active features of each token without building the dense (N, d_sae) activation tensor.

@@ -2,20 +2,27 @@
 
 Baselines: `LanguageConsistencyReward` (DeepSeek-R1), `NgramRepetitionPenalty` (open-r1).
 SAE-based, reading the ``sae_activations`` column the SAE trainers add: `SAECodeSwitchPenalty`,
-`SAERepetitionPenalty`, `SAEFeatureReward`. All are picklable classes with ``__name__``.
+`SAERepetitionPenalty`, `SAEFeatureReward`. The demo world's task: `WorldTopicReward`. Judges to log failure
+rates at weight 0: `CodeSwitchJudge`, `LoopJudge`. All are picklable classes with ``__name__``.
 """
 
+from .judge_monitors import CodeSwitchJudge, LoopJudge
 from .language_consistency import LanguageConsistencyReward
 from .ngram_repetition import NgramRepetitionPenalty
-from .registry import REWARD_FUNCS, get_reward_func
+from .registry import REWARD_FUNCS, get_reward_func, resolve_reward_func
 from .sae_rewards import SAECodeSwitchPenalty, SAEFeatureReward, SAERepetitionPenalty
+from .world_topic import WorldTopicReward
 
 __all__ = [
     "REWARD_FUNCS",
+    "CodeSwitchJudge",
+    "LoopJudge",
     "LanguageConsistencyReward",
     "NgramRepetitionPenalty",
     "SAECodeSwitchPenalty",
     "SAEFeatureReward",
     "SAERepetitionPenalty",
+    "WorldTopicReward",
     "get_reward_func",
+    "resolve_reward_func",
 ]

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import importlib
 
+from .judge_monitors import CodeSwitchJudge, LoopJudge
 from .language_consistency import LanguageConsistencyReward
 from .ngram_repetition import NgramRepetitionPenalty
 from .sae_rewards import SAECodeSwitchPenalty, SAEFeatureReward, SAERepetitionPenalty
+from .world_topic import WorldTopicReward
 
 REWARD_FUNCS = {
     "language_consistency": LanguageConsistencyReward,
@@ -14,21 +16,29 @@ REWARD_FUNCS = {
     "sae_code_switch": SAECodeSwitchPenalty,
     "sae_repetition": SAERepetitionPenalty,
     "sae_feature": SAEFeatureReward,
+    "world_topic": WorldTopicReward,
+    "judge_code_switch": CodeSwitchJudge,
+    "judge_loop": LoopJudge,
 }
+
+
+def resolve_reward_func(name: str):
+    """The class or function a reward name stands for (registry name or dotted path), not yet built."""
+    if name in REWARD_FUNCS:
+        return REWARD_FUNCS[name]
+    if "." not in name and ":" not in name:
+        raise ValueError(f"unknown reward {name!r}; known rewards: {sorted(REWARD_FUNCS)} (or a dotted import path)")
+    module_name, _, attr = name.replace(":", ".").rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"cannot import reward {name!r}: {err}") from err
 
 
 def get_reward_func(name: str, **kwargs):
     """Build a reward by registry name (``"ngram_repetition"``) or dotted path (``"my_pkg.rewards:MyReward"``
     or ``"my_pkg.rewards.my_function"``). Classes are instantiated with ``kwargs``; functions are returned."""
-    if name in REWARD_FUNCS:
-        return REWARD_FUNCS[name](**kwargs)
-    if "." not in name and ":" not in name:
-        raise ValueError(f"unknown reward {name!r}; known rewards: {sorted(REWARD_FUNCS)} (or a dotted import path)")
-    module_name, _, attr = name.replace(":", ".").rpartition(".")
-    try:
-        obj = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as err:
-        raise ValueError(f"cannot import reward {name!r}: {err}") from err
+    obj = resolve_reward_func(name)
     if isinstance(obj, type):
         return obj(**kwargs)
     if kwargs:

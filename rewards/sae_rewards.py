@@ -29,8 +29,11 @@ def _pack(pack: FeaturePack | str) -> FeaturePack:
 
 
 class SAECodeSwitchPenalty:
-    """``-weight * score``, score = the per-completion code-switch score of the unwanted language's features.
+    """``-weight * max_t ReLU(s_t - threshold)``, s_t = the summed activation of the unwanted language's
+    features on completion token t (`code_switch_scores`).
 
+    ``threshold``: per-token evidence that clean text in the wanted language reaches costs nothing, so the
+    penalty adds no noise to clean rollouts; calibrate it with `qscope_rl.detection.calibrate_threshold`.
     ``use_pre=True`` scores the features' pre-activations, which rise one token before the switch.
 
     Example::
@@ -49,7 +52,8 @@ class SAECodeSwitchPenalty:
         rewards = []
         for acts in _activations(kwargs, self.__name__):
             scores = code_switch_scores(acts, self.feature_pack, use_pre=self.use_pre, threshold=self.threshold)
-            rewards.append(-self.weight * float(scores.per_completion[0]))
+            excess = (scores.per_token[0] - self.threshold).clamp(min=0).masked_fill(~acts.mask[0], 0.0)
+            rewards.append(-self.weight * float(excess.max()) if excess.numel() else 0.0)
         return rewards
 
 

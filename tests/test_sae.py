@@ -113,3 +113,27 @@ def test_bad_config_and_input_are_rejected():
     sae = SparseAutoencoder.from_weights(random_weights(), architecture="topk", k=K)
     with pytest.raises(ValueError, match="d_in=16"):
         sae.encode_sparse(torch.randn(3, D_IN + 1))
+
+
+def test_from_weights_adopts_the_loaded_tensors_and_stays_frozen():
+    weights = {"W_enc": torch.randn(64, 16), "b_enc": torch.zeros(64), "W_dec": torch.randn(16, 64),
+               "b_dec": torch.zeros(16)}
+    sae = SparseAutoencoder.from_weights(weights, architecture="topk", k=4)
+    # no second copy of the SAE while loading: the module holds the loaded tensors themselves
+    assert sae.W_enc.data_ptr() == weights["W_enc"].data_ptr()
+    assert isinstance(sae.W_enc, torch.nn.Parameter) and not any(p.requires_grad for p in sae.parameters())
+    half = SparseAutoencoder.from_weights(weights, architecture="topk", k=4, dtype=torch.bfloat16)
+    assert half.W_dec.dtype == torch.bfloat16
+
+
+def test_memory_bounded_chunk_keeps_encode_buffers_under_five_percent_of_the_weights():
+    weights = random_weights(d_in=512, d_sae=4096)
+    sae = SparseAutoencoder.from_weights({k: v for k, v in weights.items() if k != "threshold"},
+                                         architecture="topk", k=8)
+    chunk = sae.memory_bounded_chunk()
+    assert chunk == 25
+    weights = sum(p.numel() for p in sae.parameters())
+    assert 2 * chunk * sae.d_sae <= 0.05 * weights  # pre-activations + top-k workspace of one chunk
+    x = torch.randn(100, 512)
+    assert torch.equal(sae.encode_sparse(x, chunk_tokens=chunk).indices.sort(-1).values,
+                       sae.encode_sparse(x).indices.sort(-1).values)

@@ -47,10 +47,16 @@ def test_topic_reward_prefers_on_topic_text(world):
     topic, other = world.topics[0], world.topics[1]
     rng = random.Random(0)
     for lang, sep in (("en", " "), ("zh", "")):
-        on = sep.join(rng.choices(world.topic_vocab[topic][lang], k=12))
-        off = sep.join(rng.choices(world.topic_vocab[other][lang], k=12))
-        assert world.task_reward(on, topic, lang) == 1.0
+        on = sep.join(rng.sample(world.topic_vocab[topic][lang], k=16))
+        off = sep.join(rng.sample(world.topic_vocab[other][lang], k=16))
+        assert world.task_reward(on, topic, lang) == 1.0 == world.topic_share(on, topic, lang)
         assert world.task_reward(off, topic, lang) < 0.5
+        # a loop repeats the same words: on topic by share, but it earns only its distinct words
+        loop = sep.join(world.topic_vocab[topic][lang][:4] * 5)
+        assert world.topic_share(loop, topic, lang) == 1.0
+        assert world.task_reward(loop, topic, lang) == pytest.approx(4 / 20)
+        # saying less earns nothing: a short answer counts as MIN_WORDS long
+        assert world.task_reward(sep.join(world.topic_vocab[topic][lang][:4]), topic, lang) == pytest.approx(4 / 16)
         assert 0.0 <= world.task_reward("", topic, lang) <= 1.0
     # topic words in the wrong language do not count
     assert world.task_reward(" ".join(world.topic_vocab[topic]["en"][:5]), topic, "zh") == 0.0

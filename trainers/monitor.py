@@ -142,7 +142,8 @@ class SAEMonitor:
         with capture_residual(model, self.layer) as cap:
             model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
         hidden = cap.last[:, -region.shape[1]:]  # (B, T, d)
-        return encode_completions(self.sae, hidden.to(self.sae.W_enc.device), region.bool().to(self.sae.W_enc.device))
+        return encode_completions(self.sae, hidden.to(self.sae.W_enc.device), region.bool().to(self.sae.W_enc.device),
+                                  chunk_tokens=self.sae.memory_bounded_chunk())
 
     def _sample(self, model: nn.Module, enc) -> tuple[Tensor, Tensor, Tensor]:
         """Sampled completions: prompt + completion ids, their attention mask, and the completion mask."""

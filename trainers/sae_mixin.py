@@ -147,8 +147,12 @@ class SAETrainerMixin(SAECheckpointMixin):
     def _encode_rollouts(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]):
         """Sparse SAE activations of every completion token, aligned to `completion_ids`."""
         device = self.accelerator.device
-        lengths = torch.tensor([len(c) for c in completion_ids], device=device)
-        width = int(lengths.max()) if len(lengths) else 0
+        width = max((len(c) for c in completion_ids), default=0)
+        # A closing eos is not text: the residual there lights up language features (on the demo world it
+        # holds the largest "Chinese" score of most clean English rollouts), so detection leaves it out.
+        eos = getattr(self.processing_class, "eos_token_id", None)
+        text_lengths = [len(c) - (1 if len(c) and c[-1] == eos else 0) for c in completion_ids]
+        lengths = torch.tensor(text_lengths, device=device, dtype=torch.long)
         mask = torch.arange(width, device=device)[None, :] < lengths[:, None]
         if self._captured:
             # Prefill covers the prompt; decode step t feeds completion token t-1. The token sampled last
@@ -162,7 +166,8 @@ class SAETrainerMixin(SAECheckpointMixin):
         else:
             hidden = self._forward_to_sae_layer(prompt_ids, completion_ids)
         self._captured = None
-        return encode_completions(self.sae, hidden, mask, tracked_ids=self._tracked_ids)
+        return encode_completions(self.sae, hidden, mask, tracked_ids=self._tracked_ids,
+                                  chunk_tokens=self.sae.memory_bounded_chunk())
 
     @torch.no_grad()
     def _forward_to_sae_layer(self, prompt_ids, completion_ids) -> Tensor:
@@ -277,6 +282,9 @@ class SAETrainerMixin(SAECheckpointMixin):
             loss = compute()
         hidden = torch.cat(capture.chunks, dim=0) if len(capture.chunks) > 1 else capture.last
         mask = inputs["completion_mask"]
+        eos = getattr(self.processing_class, "eos_token_id", None)
+        if eos is not None and "completion_ids" in inputs:
+            mask = mask * (inputs["completion_ids"] != eos)  # the closing eos is not text (see _encode_rollouts)
         aux = self.aux_loss(hidden[:, -mask.shape[1]:], mask)
         mode = "train" if self.model.training else "eval"
         # TRL scales GRPO losses for gradient accumulation itself (loss_is_scaled_for_ga); do the same for

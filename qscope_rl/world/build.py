@@ -42,7 +42,7 @@ from .task import make_prompts
 from .tokenizer import train_tokenizer
 from .world import World
 
-WORLD_VERSION = "2"  # bump when the builder changes what a recipe produces
+WORLD_VERSION = "4"  # bump when the builder changes what a recipe produces
 SIZES = ("default", "test")
 
 

@@ -5,9 +5,11 @@
 - ``repetition``: features of "this span repeats" by the Qwen-Scope method (a repeated token's last vs
   first occurrence), from loops built out of the same documents;
 - ``loop``: features of the world's own loops, contrastive (tokens from a loop's start to the end of its
-  document vs clean documents, by mean activation). On the demo world, amplifying these makes the model
-  loop more, while amplifying the ``repetition`` pack does not (measured: `tests/test_grpo_trainer.py`
-  uses ``loop`` for amplified sampling), so the recipes amplify ``loop``.
+  document vs clean documents, by mean activation).
+
+Amplifying the top 2 of either makes the default world's untrained policy loop more (English held-out
+prompts, loop detector, 128 samples: 0.26 unsteered; ``repetition`` at alpha 20: 0.43; ``loop`` at alpha 40:
+0.41); the demo and the recipes amplify ``repetition``, as Qwen-Scope does.
 """
 
 from __future__ import annotations

@@ -1,9 +1,11 @@
 """The world's verifiable RL task: "continue on topic T".
 
 A prompt is a clean document opening (one sentence) about topic T in one language. The reward is
-the share of the completion's words that belong to topic T's vocabulary in the prompt's language,
-judged by the world's ground truth (the lexicon), so it needs no model and cannot be gamed by
-switching language: foreign words count as words but never as topic words.
+the number of DISTINCT words of topic T's vocabulary (in the prompt's language) per word of the
+completion, judged by the world's ground truth (the lexicon), so it needs no model and cannot be gamed:
+foreign words count as words but never as topic words, and a loop that repeats the same topic words
+says nothing new and earns nothing new (as a looping answer to a math problem reaches no answer).
+Completions shorter than `MIN_WORDS` are scored as if that long, so saying less earns nothing either.
 """
 
 from __future__ import annotations
@@ -58,3 +60,15 @@ def topic_word_share(completion: str, topic_words: set[str], zh_words: set[str])
     """Share of the completion's words found in `topic_words`; 0.0 for a completion with no words."""
     words = segment(completion, zh_words)
     return sum(w in topic_words for w in words) / len(words) if words else 0.0
+
+
+MIN_WORDS = 16  # about the length of a clean continuation: shorter ones are scored as if this long
+
+
+def topic_reward(completion: str, topic_words: set[str], zh_words: set[str], min_words: int = MIN_WORDS) -> float:
+    """Distinct words of `topic_words` per word of the completion, in [0, 1].
+
+    The count of words is at least `min_words`, so a policy cannot raise its reward by saying less.
+    """
+    words = segment(completion, zh_words)
+    return len({w for w in words if w in topic_words}) / max(len(words), min_words)

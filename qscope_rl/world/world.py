@@ -11,7 +11,7 @@ from transformers import PreTrainedTokenizerFast, Qwen3ForCausalLM
 
 from .corpus import Document, Lexicon
 from .model import sample as _sample
-from .task import Prompt, topic_word_share
+from .task import Prompt, topic_reward, topic_word_share
 
 SPLITS = ("train", "heldout")
 
@@ -91,8 +91,12 @@ class World:
         return [Prompt(**r) for r in rows if lang is None or r["lang"] == lang]
 
     def task_reward(self, completion: str, topic: str, lang: str) -> float:
-        """Share of the completion's words in topic `topic`'s vocabulary in `lang`, in [0, 1]."""
-        return topic_word_share(completion, self._topic_sets[topic][lang], self._zh_words)
+        """The RL task's reward: distinct words of topic `topic` (in `lang`) per completion word, in [0, 1]."""
+        return topic_reward(completion, self._topic_sets[topic][lang], self._zh_words)
+
+    def topic_share(self, text: str, topic: str, lang: str) -> float:
+        """Share of the text's words in topic `topic`'s vocabulary in `lang`: the world's topic judge."""
+        return topic_word_share(text, self._topic_sets[topic][lang], self._zh_words)
 
     def sample(
         self,
