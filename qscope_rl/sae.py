@@ -141,14 +141,16 @@ class SparseAutoencoder(nn.Module):
         """Dense feature activations (..., d_sae), numerically those of the source format."""
         return self.activate(self.pre_acts(x))
 
-    def memory_bounded_chunk(self, budget: float = 0.05) -> int:
-        """Tokens per `encode_sparse` chunk whose dense buffers stay within ``budget`` of the SAE's weights.
+    def memory_bounded_chunk(self, budget: float = 0.05, floor_bytes: int = 8 * 2**20) -> int:
+        """Tokens per `encode_sparse` chunk whose dense buffers stay within ``budget`` of the SAE's weights,
+        or within ``floor_bytes`` where that is larger (tiny SAEs would otherwise encode a few tokens a call).
 
         A chunk holds about two (chunk, d_sae) buffers (pre-activations and top-k's workspace) and the
-        weights are about 2 * d_in * d_sae numbers, so the answer is ``budget * d_in`` tokens (102 for
-        Qwen3-1.7B): trainers use it, so that encoding rollouts never costs more than 5% of the SAE again.
+        weights are about 2 * d_in * d_sae numbers, so the budget allows ``budget * d_in`` tokens (102 for
+        Qwen3-1.7B). Trainers encode rollouts with it, so encoding never costs more than 5% of the SAE again.
         """
-        return max(1, int(budget * self.d_in))
+        per_token = 2 * self.d_sae * self.W_enc.element_size()
+        return max(1, int(budget * self.d_in), floor_bytes // per_token)
 
     def encode_sparse(self, x: Tensor, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> SparseActs:
         """Active features of each token without building the dense (N, d_sae) activation tensor.

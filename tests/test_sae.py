@@ -130,10 +130,11 @@ def test_memory_bounded_chunk_keeps_encode_buffers_under_five_percent_of_the_wei
     weights = random_weights(d_in=512, d_sae=4096)
     sae = SparseAutoencoder.from_weights({k: v for k, v in weights.items() if k != "threshold"},
                                          architecture="topk", k=8)
-    chunk = sae.memory_bounded_chunk()
-    assert chunk == 25
-    weights = sum(p.numel() for p in sae.parameters())
-    assert 2 * chunk * sae.d_sae <= 0.05 * weights  # pre-activations + top-k workspace of one chunk
+    buffers = lambda chunk: 2 * chunk * sae.d_sae * 4  # noqa: E731  pre-activations + top-k workspace, bytes
+    weight_bytes = sum(p.numel() * p.element_size() for p in sae.parameters())
+    assert sae.memory_bounded_chunk(floor_bytes=0) == 25  # 5% of d_in
+    assert buffers(25) <= 0.05 * weight_bytes
+    assert buffers(sae.memory_bounded_chunk(floor_bytes=2**20)) <= 2**20  # a tiny SAE may use the floor
     x = torch.randn(100, 512)
-    assert torch.equal(sae.encode_sparse(x, chunk_tokens=chunk).indices.sort(-1).values,
+    assert torch.equal(sae.encode_sparse(x, chunk_tokens=25).indices.sort(-1).values,
                        sae.encode_sparse(x).indices.sort(-1).values)
