@@ -4,8 +4,9 @@ Features are discovered on the world's TRAINING documents: language features on 
 monolinguality score, repetition features on all of them by the first-vs-last-occurrence contrast of
 their own repeated token n-grams (the loop documents supply those). Evaluation is on completions
 the world model samples for HELD-OUT prompts in both languages, laid out as TRL lays them out (prompts
-left-padded, completions right-padded through EOS), re-run through the model and encoded with
-`encode_completions`. Labels come from the independent judges (`qscope_rl.judges`), untouched:
+left-padded, completions right-padded), re-run through the model and encoded with `encode_completions` on
+their text tokens (the closing EOS left out, as the SAE trainers do). Labels come from the independent judges
+(`qscope_rl.judges`), untouched:
 
 - code-switching: `script_code_switch(text, prompt language)`; lingua's foreign share is scored beside.
 - onset: the first switched token is the first completion token carrying a byte of the first
@@ -85,7 +86,9 @@ def rollouts(world, prompts, args, seed):
             completion = gen[:, enc["input_ids"].shape[1]:]
             is_eos = completion == eos
             first_eos = torch.where(is_eos.any(1), is_eos.int().argmax(1), completion.shape[1])
-            mask = torch.arange(completion.shape[1])[None] <= first_eos[:, None]  # through EOS, as TRL does
+            # the text tokens: the closing EOS is left out of detection, as the SAE trainers do (its residual
+            # lights up language features on most clean completions)
+            mask = torch.arange(completion.shape[1])[None] < first_eos[:, None]
             out.append((enc["input_ids"], enc["attention_mask"], completion, mask))
     return out
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import multiprocessing
 import statistics
+import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -98,7 +99,7 @@ def evaluate(world, model, prompts, settings: DemoSettings, seed: int) -> dict:
     return {
         "code_switch_rate": sum(judges.script_code_switch(c, p.lang) for c, p in zip(completions, meta)) / n,
         "loop_rate": sum(judges.has_loop(c) for c in completions) / n,
-        "task_reward": sum(world.task_reward(c, p.topic, p.lang) for c, p in zip(completions, meta)) / n,
+        "task_reward": sum(world.task_reward(c, p.topic) for c, p in zip(completions, meta)) / n,
     }
 
 
@@ -227,7 +228,8 @@ def run_demo(settings: DemoSettings, progress: bool = True) -> dict:
             rows.append(row)
             bar.update()
             bar.write(f"arm {row['arm']} seed {row['seed']}: " + ", ".join(
-                f"{k} {row[k]:.3f}" for k in ("code_switch_rate", "loop_rate", "task_reward")))
+                f"{k} {row[k]:.3f}" for k in ("code_switch_rate", "loop_rate", "task_reward")),
+                file=sys.stderr)  # progress, like the bar: stdout is the report (`--json` prints it there)
     bar.close()
     by_arm = {arm: sorted((r for r in rows if r["arm"] == arm), key=lambda r: r["seed"]) for arm in settings.arms}
     return {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 MEASURES = ("code_switch_rate", "loop_rate", "task_reward")
@@ -31,8 +32,10 @@ def checks(result: dict) -> list[dict]:
             out.append({"claim": f"({arm}) task reward within 5% of (a)'s", "value": ratio, "target": 0.95,
                         "met": ratio >= 0.95})
     if {"a", "e"} <= set(arms):
-        ratio = _ratio(mean("e", "loop_rate"), mean("a", "loop_rate"))
-        out.append({"claim": "(e) loop rate <= 0.5x (a)'s", "value": ratio, "target": 0.5, "met": ratio <= 0.5})
+        e, a = mean("e", "loop_rate"), mean("a", "loop_rate")
+        # the rates themselves too: with (a) at 0 the ratio is 0/0 or inf and says little on its own
+        out.append({"claim": "(e) loop rate <= 0.5x (a)'s", "value": _ratio(e, a), "target": 0.5, "met": e <= 0.5 * a,
+                    "detail": f"(e) {e:.4f} vs (a) {a:.4f}"})
     return out
 
 
@@ -68,10 +71,15 @@ def markdown(result: dict) -> str:
         lines.append(f"| ({arm}) {row['label']} | " + " | ".join(cells) + " |")
     lines += ["", "| target | measured | met? |", "|---|---|---|"]
     for check in checks(result):
-        lines.append(f"| {check['claim']} | {check['value']:.4f} (target {check['target']:.4f}) | "
+        detail = f"; {check['detail']}" if "detail" in check else ""
+        value = f"{check['value']:.4f}" if math.isfinite(check["value"]) else "undefined"
+        lines.append(f"| {check['claim']} | {value} (target {check['target']:.4f}{detail}) | "
                      f"{'yes' if check['met'] else '**NO**'} |")
     ratios = loop_ratios(result)
-    if ratios:
+    if ratios and result["arms"]["a"]["loop_rate"]["mean"] == 0:
+        lines += ["", "(a)'s held-out loop rate is 0, so no arm can be compared to it as a ratio; loop rates: "
+                  + ", ".join(f"({a}) {row['loop_rate']['mean']:.4f}" for a, row in result["arms"].items()) + "."]
+    elif ratios:
         lines += ["", "Loop rate as a ratio to (a)'s: " + ", ".join(f"({a}) {r:.2f}" for a, r in ratios.items()) + "."]
     missed = [c["claim"] for c in checks(result) if not c["met"]]
     lines += ["", "Not met: " + "; ".join(missed) + "." if missed else "Every target was met.",

@@ -1,4 +1,4 @@
-"""The demo world's task reward, in TRL's reward contract (reads the ``topic`` and ``lang`` dataset columns)."""
+"""The demo world's task reward, in TRL's reward contract (reads the ``topic`` dataset column)."""
 
 from __future__ import annotations
 
@@ -8,13 +8,14 @@ from ._text import completion_text
 
 
 class WorldTopicReward:
-    """Distinct on-topic words per completion word, judged by the demo world's lexicon (`World.task_reward`).
+    """Distinct on-topic words (either language) per completion word, by the demo world's lexicon
+    (`World.task_reward`).
 
     ``world`` is a built world's folder or a size (``"default"``, ``"test"``) to build or load from the cache.
 
     Example::
 
-        WorldTopicReward("test")(completions=["..."], topic=["cooking"], lang=["en"])
+        WorldTopicReward("test")(completions=["..."], topic=["cooking"])
     """
 
     __name__ = "world_topic"
@@ -33,8 +34,8 @@ class WorldTopicReward:
             self._world = World(self.world) if Path(self.world).is_dir() else load_world(self.world, self.cache_dir)
         return self._world
 
-    def __call__(self, completions, topic=None, lang=None, **kwargs) -> list[float]:
-        if topic is None or lang is None:
-            raise ValueError(f"{self.__name__} needs the dataset columns 'topic' and 'lang' (the world's prompts)")
+    def __call__(self, completions, topic=None, **kwargs) -> list[float]:
+        if topic is None:
+            raise ValueError(f"{self.__name__} needs the dataset column 'topic' (the world's prompts have it)")
         world = self._load()
-        return [world.task_reward(completion_text(c), t, lg) for c, t, lg in zip(completions, topic, lang, strict=True)]
+        return [world.task_reward(completion_text(c), t) for c, t in zip(completions, topic, strict=True)]

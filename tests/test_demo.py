@@ -38,6 +38,17 @@ def test_checks_compare_against_the_targets():
     assert "**NO**" in markdown({**fake_result(cs={"d": 0.05}), "checks": []})
 
 
+def test_loop_check_when_the_baseline_never_loops():
+    result = fake_result(loop={"a": 0.0, "e": 0.003})
+    check = {c["claim"]: c for c in checks(result)}["(e) loop rate <= 0.5x (a)'s"]
+    assert not check["met"] and check["detail"] == "(e) 0.0030 vs (a) 0.0000"
+    report = markdown(result)
+    assert "(e) 0.0030 vs (a) 0.0000) | **NO** |" in report
+    assert "(a)'s held-out loop rate is 0" in report and "inf" not in report
+    both_zero = {c["claim"]: c for c in checks(fake_result(loop={"a": 0.0, "e": 0.0}))}
+    assert both_zero["(e) loop rate <= 0.5x (a)'s"]["met"]
+
+
 def test_settings_refuse_bad_input():
     with pytest.raises(ValueError, match="unknown arms"):
         DemoSettings(arms=("a", "z"))

@@ -42,7 +42,7 @@ from .task import make_prompts
 from .tokenizer import train_tokenizer
 from .world import World
 
-WORLD_VERSION = "4"  # bump when the builder changes what a recipe produces
+WORLD_VERSION = "5"  # bump when the builder changes what a recipe produces
 SIZES = ("default", "test")
 
 
@@ -234,7 +234,7 @@ def _build_into(recipe: WorldRecipe, out: Path) -> dict:
         rates[f"code_switch_rate_{lang}"] = sum(j["code_switch"] for j in mine) / len(mine)
         rates[f"loop_rate_{lang}"] = sum(j["loop"] for j in mine) / len(mine)
     rates["loop_rate"] = sum(j["loop"] for j in judged) / len(judged)
-    rewards = [world.task_reward(j["completion"], j["topic"], j["lang"]) for j in judged]
+    rewards = [world.task_reward(j["completion"], j["topic"]) for j in judged]
     rates["topic_reward_mean"] = sum(rewards) / len(rewards)
     stage_done("eval")
 

@@ -1,11 +1,12 @@
 """The world's verifiable RL task: "continue on topic T".
 
 A prompt is a clean document opening (one sentence) about topic T in one language. The reward is
-the number of DISTINCT words of topic T's vocabulary (in the prompt's language) per word of the
-completion, judged by the world's ground truth (the lexicon), so it needs no model and cannot be gamed:
-foreign words count as words but never as topic words, and a loop that repeats the same topic words
-says nothing new and earns nothing new (as a looping answer to a math problem reaches no answer).
-Completions shorter than `MIN_WORDS` are scored as if that long, so saying less earns nothing either.
+the number of DISTINCT words of topic T's vocabulary per word of the completion, judged by the world's
+ground truth (the lexicon), so it needs no model. Like a math verifier it is blind to language: a topic
+word counts in either language, so the task never asks for one language (nor did DeepSeek-R1-Zero's accuracy
+reward, under which language mixing appeared). A loop that repeats the same
+topic words says nothing new and earns nothing new (as a looping answer to a math problem reaches no
+answer). Completions shorter than `MIN_WORDS` are scored as if that long, so saying less earns nothing.
 """
 
 from __future__ import annotations

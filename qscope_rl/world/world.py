@@ -90,9 +90,9 @@ class World:
         rows = _read_jsonl(self.path / "corpus" / f"prompts_{split}.jsonl")
         return [Prompt(**r) for r in rows if lang is None or r["lang"] == lang]
 
-    def task_reward(self, completion: str, topic: str, lang: str) -> float:
-        """The RL task's reward: distinct words of topic `topic` (in `lang`) per completion word, in [0, 1]."""
-        return topic_reward(completion, self._topic_sets[topic][lang], self._zh_words)
+    def task_reward(self, completion: str, topic: str) -> float:
+        """The RL task's reward: distinct words of topic `topic`, in either language, per completion word."""
+        return topic_reward(completion, self._topic_words_any_language[topic], self._zh_words)
 
     def topic_share(self, text: str, topic: str, lang: str) -> float:
         """Share of the text's words in topic `topic`'s vocabulary in `lang`: the world's topic judge."""
@@ -112,6 +112,10 @@ class World:
     @cached_property
     def _topic_sets(self) -> dict[str, dict[str, set[str]]]:
         return {t: {lang: set(words) for lang, words in v.items()} for t, v in self.topic_vocab.items()}
+
+    @cached_property
+    def _topic_words_any_language(self) -> dict[str, set[str]]:
+        return {t: set().union(*by_lang.values()) for t, by_lang in self._topic_sets.items()}
 
     @cached_property
     def _zh_words(self) -> set[str]:
