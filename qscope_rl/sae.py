@@ -163,7 +163,7 @@ class SparseAutoencoder(nn.Module):
         lead = x.shape[:-1]
         flat = x.reshape(-1, self.d_in)
         values, indices = [], []
-        for chunk in flat.split(chunk_tokens):
+        for chunk in flat.split(chunk_tokens) if len(flat) else ():  # an empty input splits into one empty chunk
             pre = self.pre_acts(chunk)  # (chunk, d_sae)
             if self.architecture == "topk":
                 v, i = pre.topk(self.k, dim=-1, sorted=False)

@@ -54,6 +54,8 @@ def test_encode_sparse_matches_dense(architecture, chunk):
     ids = torch.tensor([0, 7, 33])
     assert_close(sparse.features(ids), sae.encode(x)[..., ids])
     assert_close(sparse.feature(7), sae.encode(x)[..., 7])
+    empty = sae.encode_sparse(x[:, :0], chunk_tokens=chunk)  # no tokens (an empty completion batch)
+    assert empty.values.shape[:2] == (2, 0) and empty.indices.shape == empty.values.shape
 
 
 def test_jumprelu_and_relu_math():
