@@ -76,6 +76,7 @@ class FeatureClassifier:
     tensors: dict[str, Tensor] = field(default_factory=dict)
     # rule: ids_<c> (K,) feature ids, weights_<c> (K,) P(fire|c) - P(fire|rest)
     # logistic: coef (C, d_sae), intercept (C,), mean (d_sae,), scale (d_sae,)
+    features: str = "max_acts"  # how its per-text input was pooled ("tail_mean:<n>": `qscope_rl.probe`)
 
     # -- fitting --------------------------------------------------------------------------------------
 
@@ -172,6 +173,9 @@ class FeatureClassifier:
     def predict_texts(self, model, tokenizer, sae: SparseAutoencoder, texts: Sequence[str], **kwargs) -> list[str]:
         """Encode ``texts`` with ``sae`` (checked to be the fitted-on SAE) and predict their classes."""
         self.check_sae(sae)
+        if self.features != "max_acts":
+            raise ClassifierError(f"this classifier reads {self.features!r} features, not per-text max_acts: "
+                                  "score it with qscope_rl.probe.probe_scores")
         return self.predict(encode_texts(model, tokenizer, sae, texts, desc="classify: encode", **kwargs).max_acts)
 
     # -- saving ---------------------------------------------------------------------------------------
@@ -180,7 +184,8 @@ class FeatureClassifier:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"format": FORMAT, "version": FORMAT_VERSION, "kind": self.kind,
-                "classes": json.dumps(self.classes, ensure_ascii=False), "sae": json.dumps(self.sae)}
+                "classes": json.dumps(self.classes, ensure_ascii=False), "sae": json.dumps(self.sae),
+                "features": self.features}
         save_file({k: v.contiguous() for k, v in self.tensors.items()}, str(path), metadata=meta)
         return path
 
@@ -203,7 +208,8 @@ class FeatureClassifier:
         if meta.get("version") != FORMAT_VERSION:
             raise ClassifierError(f"{path} has version {meta.get('version')!r}; this qscope-rl reads "
                                   f"{FORMAT_VERSION}")
-        clf = cls(meta["kind"], json.loads(meta["classes"]), json.loads(meta["sae"]), tensors)
+        clf = cls(meta["kind"], json.loads(meta["classes"]), json.loads(meta["sae"]), tensors,
+                  meta.get("features", "max_acts"))
         if sae is not None:
             clf.check_sae(sae)
         return clf
