@@ -2,15 +2,16 @@
 
 Baselines: `LanguageConsistencyReward` (DeepSeek-R1), `NgramRepetitionPenalty` (open-r1).
 SAE-based, reading the ``sae_activations`` column the SAE trainers add: `SAECodeSwitchPenalty`,
-`SAERepetitionPenalty`, `SAEFeatureReward`. The demo world's task: `WorldTopicReward`. Judges to log failure
-rates at weight 0: `CodeSwitchJudge`, `LoopJudge`. All are picklable classes with ``__name__``.
+`SAERepetitionPenalty`, `SAEProbePenalty`, `SAEFeatureReward`. The demo world's task: `WorldTopicReward`.
+Judges to log failure rates at weight 0: `CodeSwitchJudge`, `LoopJudge`. All are picklable classes with
+``__name__``.
 """
 
 from .judge_monitors import CodeSwitchJudge, LoopJudge
 from .language_consistency import LanguageConsistencyReward
 from .ngram_repetition import NgramRepetitionPenalty
 from .registry import REWARD_FUNCS, get_reward_func, resolve_reward_func
-from .sae_rewards import SAECodeSwitchPenalty, SAEFeatureReward, SAERepetitionPenalty
+from .sae_rewards import SAECodeSwitchPenalty, SAEFeatureReward, SAEProbePenalty, SAERepetitionPenalty
 from .world_topic import WorldTopicReward
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "NgramRepetitionPenalty",
     "SAECodeSwitchPenalty",
     "SAEFeatureReward",
+    "SAEProbePenalty",
     "SAERepetitionPenalty",
     "WorldTopicReward",
     "get_reward_func",

@@ -7,7 +7,7 @@ import importlib
 from .judge_monitors import CodeSwitchJudge, LoopJudge
 from .language_consistency import LanguageConsistencyReward
 from .ngram_repetition import NgramRepetitionPenalty
-from .sae_rewards import SAECodeSwitchPenalty, SAEFeatureReward, SAERepetitionPenalty
+from .sae_rewards import SAECodeSwitchPenalty, SAEFeatureReward, SAEProbePenalty, SAERepetitionPenalty
 from .world_topic import WorldTopicReward
 
 REWARD_FUNCS = {
@@ -16,6 +16,7 @@ REWARD_FUNCS = {
     "sae_code_switch": SAECodeSwitchPenalty,
     "sae_repetition": SAERepetitionPenalty,
     "sae_feature": SAEFeatureReward,
+    "sae_probe": SAEProbePenalty,
     "world_topic": WorldTopicReward,
     "judge_code_switch": CodeSwitchJudge,
     "judge_loop": LoopJudge,

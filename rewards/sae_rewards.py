@@ -13,8 +13,10 @@ from collections.abc import Mapping
 
 import torch
 
+from qscope_rl.classify import FeatureClassifier
 from qscope_rl.detection import code_switch_scores, repetition_scores
 from qscope_rl.feature_pack import FeaturePack
+from qscope_rl.probe import probe_scores
 
 
 def _activations(kwargs, name: str):
@@ -72,6 +74,29 @@ class SAERepetitionPenalty:
 
     def __call__(self, completions, **kwargs) -> list[float]:
         return [-self.weight * float(repetition_scores(acts, self.feature_pack).per_completion[0])
+                for acts in _activations(kwargs, self.__name__)]
+
+
+class SAEProbePenalty:
+    """``-weight * P(failure)``: the sigmoid of a completion probe's logit (`qscope_rl.probe`).
+
+    For failures a feature pack separates poorly, such as loops on the demo world; the probe is fitted once on
+    labelled texts (``fit_completion_probe``) and saved. The SAE trainers check at construction that it was
+    fitted on their SAE.
+
+    Example::
+
+        SAEProbePenalty("loop_probe.safetensors", weight=1.0)
+    """
+
+    __name__ = "sae_probe"
+
+    def __init__(self, probe: FeatureClassifier | str, weight: float = 1.0):
+        self.probe = probe if isinstance(probe, FeatureClassifier) else FeatureClassifier.load(probe)
+        self.weight = weight
+
+    def __call__(self, completions, **kwargs) -> list[float]:
+        return [-self.weight * float(probe_scores(acts, self.probe).sigmoid()[0])
                 for acts in _activations(kwargs, self.__name__)]
 
 

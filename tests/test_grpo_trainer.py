@@ -19,6 +19,7 @@ from qscope_rl.rewards import (
     NgramRepetitionPenalty,
     SAECodeSwitchPenalty,
     SAEFeatureReward,
+    SAEProbePenalty,
     SAERepetitionPenalty,
     get_reward_func,
 )
@@ -158,6 +159,27 @@ def test_rewards_pickle_and_resolve_by_name(packs, pack_files):
         get_reward_func("nope")
     with pytest.raises(ValueError, match="needs the `sae_activations` column"):
         SAECodeSwitchPenalty(pack_files["zh"])(completions=["x"])
+
+
+def test_probe_penalty_trains_and_is_checked_against_the_sae(world, pack_files, tmp_path):
+    from qscope_rl.classify import ClassifierError
+    from qscope_rl.probe import fit_completion_probe
+
+    sae = load_sae(world.sae_dir, layer=world.layer)
+    docs = world.documents("train")
+    probe = fit_completion_probe(world.model, world.tokenizer, sae, [d.text for d in docs if d.loop_char][:40],
+                                 [d.text for d in docs if not d.loop_char][:40], last=8)
+    path = probe.save(tmp_path / "loop.safetensors")
+    penalty = get_reward_func("sae_probe", probe=str(path), weight=2.0)
+    assert pickle.loads(pickle.dumps(penalty)).__name__ == "sae_probe"
+    trainer = make_trainer(world, tmp_path, [NgramRepetitionPenalty(), penalty], max_steps=1,
+                           **sae_fields(world, pack_files))
+    trainer.train()
+    logged = [e["rewards/sae_probe/mean"] for e in trainer.state.log_history if "rewards/sae_probe/mean" in e]
+    assert logged and all(-2.0 <= v <= 0.0 for v in logged)
+    probe.sae["fingerprint"] = "0" * 16  # as if fitted on another SAE
+    with pytest.raises(ClassifierError, match="fitted on another SAE"):
+        make_trainer(world, tmp_path, [SAEProbePenalty(probe)], **sae_fields(world, pack_files))
 
 
 def test_without_sae_it_is_grpo(world, tmp_path):

@@ -71,6 +71,8 @@ class SAETrainerMixin(SAECheckpointMixin):
         for func in self.reward_funcs:
             if getattr(func, "feature_pack", None) is not None:
                 func.feature_pack.check_compatible(sae, layer=self.sae_layer)
+            if getattr(func, "probe", None) is not None:
+                func.probe.check_sae(sae)
 
         tracked = [p.ids for p in (self.code_switch_pack,) if p is not None]
         tracked += [f.feature_pack.ids for f in self.reward_funcs if getattr(f, "feature_pack", None) is not None]
