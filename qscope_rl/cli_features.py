@@ -1,4 +1,5 @@
 """``qscope-rl features discover {language,repetition,contrastive}``: find SAE features, save a pack.
+``qscope-rl features probe``: fit a linear probe on SAE features (`qscope_rl.probe`), check it on held-out texts.
 
 Without ``--model`` the demo world's model, SAE and training documents are used (``--world``, default
 "test"). With ``--model`` (a HF model path or id), ``--sae`` and ``--layer`` are required and texts come
@@ -20,20 +21,7 @@ def register(subparsers) -> None:
     sub = features.add_subparsers(dest="features_command", metavar="ACTION", required=True)
     discover = sub.add_parser("discover", help="find language / repetition / contrastive features")
     discover.add_argument("method", choices=METHODS)
-    source = discover.add_argument_group("model and SAE (default: the demo world)")
-    source.add_argument("--world", default="test", help="demo world size when --model is not given")
-    source.add_argument("--model", default=None, help="HF model path or id (then --sae and --layer are needed)")
-    source.add_argument("--sae", default=None, help="SAE folder / file / Hub repo (see `qscope-rl sae-info`)")
-    source.add_argument("--layer", type=int, default=None, help="decoder layer of the SAE (0-based)")
-    source.add_argument("--device", default=None, help="torch device for model and SAE (default: cpu)")
-    texts = discover.add_argument_group("texts (default: the world's training documents)")
-    texts.add_argument("--texts", default=None,
-                       help="language: JSONL with text+lang; repetition: JSONL with text, or plain text lines")
-    texts.add_argument("--positive", default=None, help="contrastive: positive texts (JSONL or lines)")
-    texts.add_argument("--negative", default=None, help="contrastive: negative texts (JSONL or lines)")
-    texts.add_argument("--target", default="switch",
-                       help="contrastive on the world: 'switch', 'loop' (vs clean documents) or a topic name")
-    texts.add_argument("--max-texts", type=int, default=2000, help="at most this many texts per group (seeded)")
+    _add_source_arguments(discover)
     discover.add_argument("--top-k", type=int, default=16, help="features to keep")
     discover.add_argument("--batch-size", type=int, default=16)
     discover.add_argument("--rank-by", choices=("p_fire", "mean_diff"), default="p_fire", help="contrastive only")
@@ -42,6 +30,36 @@ def register(subparsers) -> None:
                           help="pack JSON to write (language: a folder, one language-<lang>.json per language)")
     discover.add_argument("--json", action="store_true", help="print the pack(s) as JSON instead of a table")
     discover.set_defaults(func=_discover)
+
+    probe = sub.add_parser("probe", help="fit a logistic probe on the SAE features of texts' tails, positive vs "
+                           "negative, and report its AUROC on held-out texts")
+    _add_source_arguments(probe)
+    probe.add_argument("--last", type=int, default=24, help="tokens at the end of each text the probe reads")
+    probe.add_argument("--holdout", type=float, default=0.2, help="share of each group held out for the AUROC")
+    probe.add_argument("--C", type=float, default=1.0, help="inverse L2 strength of the logistic regression")
+    probe.add_argument("--batch-size", type=int, default=16)
+    probe.add_argument("--seed", type=int, default=0)
+    probe.add_argument("--out", default=None, help="probe file to write (.safetensors)")
+    probe.add_argument("--json", action="store_true", help="print the result as JSON")
+    probe.set_defaults(func=_probe, method="contrastive")
+
+
+def _add_source_arguments(parser) -> None:
+    """Where the model, SAE and texts come from: the demo world by default, or --model/--sae/--layer and files."""
+    source = parser.add_argument_group("model and SAE (default: the demo world)")
+    source.add_argument("--world", default="test", help="demo world size when --model is not given")
+    source.add_argument("--model", default=None, help="HF model path or id (then --sae and --layer are needed)")
+    source.add_argument("--sae", default=None, help="SAE folder / file / Hub repo (see `qscope-rl sae-info`)")
+    source.add_argument("--layer", type=int, default=None, help="decoder layer of the SAE (0-based)")
+    source.add_argument("--device", default=None, help="torch device for model and SAE (default: cpu)")
+    texts = parser.add_argument_group("texts (default: the world's training documents)")
+    texts.add_argument("--texts", default=None,
+                       help="language: JSONL with text+lang; repetition: JSONL with text, or plain text lines")
+    texts.add_argument("--positive", default=None, help="contrastive / probe: positive texts (JSONL or lines)")
+    texts.add_argument("--negative", default=None, help="contrastive / probe: negative texts (JSONL or lines)")
+    texts.add_argument("--target", default="switch",
+                       help="contrastive / probe on the world: 'switch', 'loop' (vs clean documents) or a topic name")
+    texts.add_argument("--max-texts", type=int, default=2000, help="at most this many texts per group (seeded)")
 
 
 def read_texts(path: str, with_lang: bool = False) -> list:
@@ -158,6 +176,46 @@ def _discover(args) -> int:
         return 0
     for pack in packs.values():
         print_table(pack)
+    return 0
+
+
+def _probe(args) -> int:
+    from sklearn.metrics import roc_auc_score
+
+    from .cli import print_json
+    from .probe import fit_completion_probe, score_texts
+
+    if not 0.0 < args.holdout < 1.0:
+        raise SystemExit(f"error: --holdout must be in (0, 1), got {args.holdout}")
+    model, tokenizer, sae, texts, model_name = _load(args)
+    split = {}
+    for group in ("positive", "negative"):
+        shuffled = random.Random(args.seed).sample(texts[group], len(texts[group]))
+        n_held = max(1, round(args.holdout * len(shuffled)))
+        if len(shuffled) - n_held < 1:
+            raise SystemExit(f"error: {group} texts: {len(shuffled)} are too few to fit on some and hold out others")
+        split[group] = (shuffled[n_held:], shuffled[:n_held])
+    common = dict(batch_size=args.batch_size)
+    try:
+        probe = fit_completion_probe(model, tokenizer, sae, split["positive"][0], split["negative"][0],
+                                     last=args.last, C=args.C, **common)
+        held = split["positive"][1] + split["negative"][1]
+        scores = score_texts(model, tokenizer, sae, held, probe, **common)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from err
+    labels = [1] * len(split["positive"][1]) + [0] * len(split["negative"][1])
+    result = {"model": model_name, "sae": str(sae.source), "layer": sae.layer, "features": probe.features,
+              "n_fit": {g: len(split[g][0]) for g in split}, "n_held_out": {g: len(split[g][1]) for g in split},
+              "held_out_auroc": float(roc_auc_score(labels, scores.tolist()))}
+    if args.out:
+        result["path"] = str(probe.save(args.out))
+    if args.json:
+        print_json(result)
+    else:
+        fit, held = result["n_fit"], result["n_held_out"]
+        print(f"probe on the last {args.last} tokens, fitted on {fit['positive']} positive + {fit['negative']} "
+              f"negative texts: AUROC {result['held_out_auroc']:.4f} on {held['positive']} + {held['negative']} "
+              "held-out texts" + (f"; wrote {args.out}" if args.out else ""))
     return 0
 
 

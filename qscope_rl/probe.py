@@ -9,6 +9,7 @@ never one per token.
 
     probe = fit_completion_probe(model, tokenizer, sae, looping_texts, clean_texts, last=24)
     scores = probe_scores(acts, probe)        # (B,) logits, from `encode_completions` of a rollout batch
+    scores = score_texts(model, tokenizer, sae, texts, probe)   # (n,) logits of whole texts
     probe.save("loop_probe.safetensors")      # a FeatureClassifier: tied to its SAE, no pickle
 
 Fitting texts are whole documents (``prompt_length=0``); rollouts are scored on their completion tokens.
@@ -83,6 +84,15 @@ def fit_completion_probe(model: nn.Module, tokenizer, sae: SparseAutoencoder, po
     probe = FeatureClassifier.fit(pooled, labels, sae, kind="logistic", C=C)
     probe.features = f"tail_mean:{last}"
     return probe
+
+
+def score_texts(model: nn.Module, tokenizer, sae: SparseAutoencoder, texts: Sequence[str], probe: FeatureClassifier,
+                *, batch_size: int = 32, max_length: int = 256) -> Tensor:
+    """(n,) the probe's logits for whole texts (e.g. to check it on held-out data, or to filter a dataset)."""
+    probe.check_sae(sae)
+    texts = check_texts(texts)
+    return torch.cat([probe_scores(acts, probe).cpu()
+                      for acts in _text_activations(model, tokenizer, sae, texts, batch_size, max_length)])
 
 
 def probe_scores(acts: CompletionActivations, probe: FeatureClassifier) -> Tensor:

@@ -73,3 +73,24 @@ def test_probe_separates_looping_documents_and_round_trips(world, tmp_path):
         probe_scores(other, probe)
     with pytest.raises(ValueError, match="positive texts is empty"):
         fit_completion_probe(world.model, world.tokenizer, sae, [], clean[:4])
+
+
+@pytest.mark.slow
+def test_probe_command_fits_checks_and_saves(world, world_cache, tmp_path, capsys, monkeypatch):
+    import json
+
+    from qscope_rl.cli import main
+
+    monkeypatch.setenv("QSCOPE_RL_CACHE", str(world_cache))
+    out = tmp_path / "loop.safetensors"
+    assert main(["features", "probe", "--target", "loop", "--max-texts", "120", "--last", "16", "--out", str(out),
+                 "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["n_fit"] == {"positive": 96, "negative": 96} and result["n_held_out"] == {"positive": 24,
+                                                                                           "negative": 24}
+    assert result["held_out_auroc"] > 0.9 and result["features"] == "tail_mean:16"
+    assert FeatureClassifier.load(out).features == "tail_mean:16"
+    with pytest.raises(SystemExit, match="--holdout must be in"):
+        main(["features", "probe", "--holdout", "1.5"])
+    with pytest.raises(SystemExit, match="needs --sae and --layer"):
+        main(["features", "probe", "--model", "some/model"])
