@@ -84,7 +84,34 @@ def replace_layer_output(output, hidden: Tensor):
     return (hidden, *output[1:])
 
 
-class ResidualCapture:
+class _LayerHook:
+    """A forward hook on one decoder layer: installed when the ``with`` block opens, removed when it exits,
+    exceptions included (or by ``remove()``)."""
+
+    def __init__(self, model: nn.Module, layer: int):
+        self.module = decoder_layer(model, layer)
+        self.layer = layer
+        self.enabled = True
+        self._handle = None
+
+    def _install(self):
+        """Register the hook on ``self.module``; returns its handle."""
+        raise NotImplementedError
+
+    def __enter__(self):
+        self._handle = self._install()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+
+class ResidualCapture(_LayerHook):
     """Records the residual stream after decoder layer ``layer`` on every forward while open.
 
     During ``generate`` each forward is one chunk: the prefill, then one token per decode step, so
@@ -94,11 +121,9 @@ class ResidualCapture:
 
     def __init__(self, model: nn.Module, layer: int, *, detach: bool = True,
                  on_forward: Callable[[Tensor], None] | None = None):
-        self.module = decoder_layer(model, layer)
-        self.layer, self.detach, self.on_forward = layer, detach, on_forward
-        self.enabled = True
+        super().__init__(model, layer)
+        self.detach, self.on_forward = detach, on_forward
         self.chunks: list[Tensor] = []
-        self._handle = None
 
     def _hook(self, module, args, output):
         if not self.enabled:
@@ -111,17 +136,8 @@ class ResidualCapture:
         else:
             self.chunks.append(hidden)
 
-    def __enter__(self) -> ResidualCapture:
-        self._handle = self.module.register_forward_hook(self._hook)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
-
-    def remove(self) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+    def _install(self):
+        return self.module.register_forward_hook(self._hook)
 
     @property
     def last(self) -> Tensor:
@@ -144,7 +160,7 @@ def capture_residual(model: nn.Module, layer: int, **kwargs) -> ResidualCapture:
     return ResidualCapture(model, layer, **kwargs)
 
 
-class ResidualEdit:
+class ResidualEdit(_LayerHook):
     """Adds ``delta_fn(hidden)`` to the residual stream after ``layer``, on chosen rows and positions.
 
     ``rows``: batch indices to edit (None = all rows). ``positions``: token positions to edit (None =
@@ -156,14 +172,12 @@ class ResidualEdit:
 
     def __init__(self, model: nn.Module, layer: int, delta_fn: Callable[[Tensor], Tensor], *,
                  rows: Iterable[int] | Tensor | None = None, positions: Iterable[int] | slice | None = None):
-        self.module = decoder_layer(model, layer)
+        super().__init__(model, layer)
         self.delta_fn = delta_fn
         self.rows = None if rows is None else torch.as_tensor(list(rows) if not isinstance(rows, Tensor)
                                                               else rows, dtype=torch.long)
         self.positions = positions
-        self.enabled = True
         self._offset = 0
-        self._handle = None
 
     def _position_mask(self, hidden: Tensor, position_ids: Tensor | None) -> Tensor | None:
         if self.positions is None:
@@ -197,18 +211,9 @@ class ResidualEdit:
         self._offset += seq
         return replace_layer_output(output, hidden + mask.unsqueeze(-1).to(hidden.dtype) * delta)
 
-    def __enter__(self) -> ResidualEdit:
-        self._offset = 0
-        self._handle = self.module.register_forward_hook(self._hook, with_kwargs=True)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
-
-    def remove(self) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+    def _install(self):
+        self._offset = 0  # positions without position_ids count from the first forward after entering
+        return self.module.register_forward_hook(self._hook, with_kwargs=True)
 
 
 def add_to_residual(model: nn.Module, layer: int, vector: Tensor, **kwargs) -> ResidualEdit:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib
+from qscope_rl.registry import resolve
 
 from .judge_monitors import CodeSwitchJudge, LoopJudge
 from .language_consistency import LanguageConsistencyReward
@@ -25,15 +25,7 @@ REWARD_FUNCS = {
 
 def resolve_reward_func(name: str):
     """The class or function a reward name stands for (registry name or dotted path), not yet built."""
-    if name in REWARD_FUNCS:
-        return REWARD_FUNCS[name]
-    if "." not in name and ":" not in name:
-        raise ValueError(f"unknown reward {name!r}; known rewards: {sorted(REWARD_FUNCS)} (or a dotted import path)")
-    module_name, _, attr = name.replace(":", ".").rpartition(".")
-    try:
-        return getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as err:
-        raise ValueError(f"cannot import reward {name!r}: {err}") from err
+    return resolve(name, REWARD_FUNCS, "reward")
 
 
 def get_reward_func(name: str, **kwargs):

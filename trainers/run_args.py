@@ -7,13 +7,14 @@ the command line. Callbacks resolve by name through `CALLBACKS`, with a dotted-i
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import json
 from dataclasses import dataclass, field
 from typing import Literal
 
 from transformers import EarlyStoppingCallback
+
+from qscope_rl.registry import resolve
 
 from .config import SAEGRPOConfig, SAERLOOConfig, SASFTConfig
 from .grpo import SAEGRPOTrainer
@@ -104,15 +105,7 @@ def _settings_by_name(field_name: str, value, names: list[str]) -> dict[str, dic
 
 def resolve_callback(name: str):
     """The callback class a name stands for: a `CALLBACKS` name or a dotted import path."""
-    if name in CALLBACKS:
-        return CALLBACKS[name]
-    if "." not in name and ":" not in name:
-        raise ValueError(f"unknown callback {name!r}; known callbacks: {sorted(CALLBACKS)} (or a dotted import path)")
-    module_name, _, attr = name.replace(":", ".").rpartition(".")
-    try:
-        return getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as err:
-        raise ValueError(f"cannot import callback {name!r}: {err}") from err
+    return resolve(name, CALLBACKS, "callback")
 
 
 def takes_trainer(callback_cls) -> bool:
