@@ -11,21 +11,32 @@ from dataclasses import dataclass, field
 from trl import GRPOConfig, RLOOConfig, SFTConfig
 
 CAPTURE_MODES = ("auto", "generation", "forward")
+SAE_DTYPES = (None, "float32", "bfloat16", "float16")
 
 
 @dataclass
-class SAEArguments:
-    """The SAE fields of an SAE trainer config. With `sae_source=None` the trainer is its TRL parent."""
+class SAESourceArguments:
+    """Which SAE to load, as every SAE trainer config names it. With `sae_source=None` the trainer is its TRL parent."""
 
     sae_source: str | None = field(
         default=None,
         metadata={"help": "SAE to load with qscope_rl.load_sae: a local folder, a Hub repo id or a model name. "
-                  "None disables every SAE feature."},
+                  "None disables every SAE feature: the trainer is its TRL parent."},
     )
     sae_layer: int | None = field(default=None, metadata={"help": "Decoder layer whose output the SAE reads."})
     sae_k: int | None = field(default=None, metadata={"help": "Override the SAE's k (TopK)."})
     sae_dtype: str | None = field(
         default=None, metadata={"help": "dtype of the frozen SAE (float32, bfloat16); default: as stored."})
+
+    def validate_sae_source(self) -> None:
+        if self.sae_dtype not in SAE_DTYPES:
+            raise ValueError(f"sae_dtype={self.sae_dtype!r}: expected float32, bfloat16 or float16")
+
+
+@dataclass
+class SAEArguments(SAESourceArguments):
+    """The SAE fields of an RL trainer config: the SAE, its packs, the auxiliary loss and amplified sampling."""
+
     sae_capture: str = field(
         default="auto",
         metadata={"help": "How rollouts are encoded: 'generation' captures the residual during HF generate (no "
@@ -74,8 +85,7 @@ class SAEArguments:
             raise ValueError("code_switch_pack / repetition_pack / aux_loss_weight / amplify_pack need sae_source")
         if self.sae_source is None:
             return
-        if self.sae_dtype not in (None, "float32", "bfloat16", "float16"):
-            raise ValueError(f"sae_dtype={self.sae_dtype!r}: expected float32, bfloat16 or float16")
+        self.validate_sae_source()
         if self.aux_loss_weight < 0:
             raise ValueError(f"aux_loss_weight must be >= 0, got {self.aux_loss_weight}")
         if self.aux_loss_weight > 0 and not (self.aux_loss_pack or self.code_switch_pack):
@@ -113,18 +123,9 @@ SASFT_ALPHAS = ("pack", "zero")
 
 
 @dataclass
-class SASFTConfig(SFTConfig):
+class SASFTConfig(SFTConfig, SAESourceArguments):
     """`trl.SFTConfig` plus what `SASFTTrainer` reads: the SAE, the unwanted-language pack, lambda and alpha."""
 
-    sae_source: str | None = field(
-        default=None,
-        metadata={"help": "SAE to load with qscope_rl.load_sae: a local folder, a Hub repo id or a model name. "
-                  "None makes the trainer plain SFT."},
-    )
-    sae_layer: int | None = field(default=None, metadata={"help": "Decoder layer whose output the SAE reads."})
-    sae_k: int | None = field(default=None, metadata={"help": "Override the SAE's k (TopK)."})
-    sae_dtype: str | None = field(
-        default=None, metadata={"help": "dtype of the frozen SAE (float32, bfloat16); default: as stored."})
     sasft_pack: str | None = field(
         default=None,
         metadata={"help": "Feature pack (JSON) of the UNWANTED language's features, e.g. the 'zh' pack when "
@@ -151,6 +152,5 @@ class SASFTConfig(SFTConfig):
             raise ValueError(f"sasft_alpha={self.sasft_alpha!r}: expected one of {SASFT_ALPHAS}")
         if self.sasft_top_n is not None and self.sasft_top_n < 1:
             raise ValueError(f"sasft_top_n must be >= 1, got {self.sasft_top_n}")
-        if self.sae_dtype not in (None, "float32", "bfloat16", "float16"):
-            raise ValueError(f"sae_dtype={self.sae_dtype!r}: expected float32, bfloat16 or float16")
+        self.validate_sae_source()
         super().__post_init__()
