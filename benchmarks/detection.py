@@ -43,6 +43,7 @@ from qscope_rl.detection import calibrate_threshold, code_switch_scores, encode_
 from qscope_rl.discovery import discover_language_features, discover_repetition_features
 from qscope_rl.judges import first_switch_offset, has_loop, lingua_foreign_share, ngram_repeat_ratio
 from qscope_rl.probe import fit_completion_probe, probe_scores
+from qscope_rl.steered_generation import sampling_kwargs
 from qscope_rl.world import World, load_world
 
 OTHER = {"en": "zh", "zh": "en"}
@@ -93,9 +94,8 @@ def rollouts(world, prompts, args, seed):
         torch.manual_seed(seed)
         for i in range(0, len(prompts), args.batch_size):
             enc = tok(prompts[i:i + args.batch_size], return_tensors="pt", padding=True)  # left padding
-            gen = model.generate(**enc, max_new_tokens=args.max_new_tokens, do_sample=True,
-                                 temperature=args.temperature, top_k=0, top_p=1.0, pad_token_id=tok.pad_token_id,
-                                 eos_token_id=eos)
+            gen = model.generate(**enc, max_new_tokens=args.max_new_tokens, **sampling_kwargs(args.temperature),
+                                 pad_token_id=tok.pad_token_id, eos_token_id=eos)
             completion = gen[:, enc["input_ids"].shape[1]:]
             is_eos = completion == eos
             first_eos = torch.where(is_eos.any(1), is_eos.int().argmax(1), completion.shape[1])
