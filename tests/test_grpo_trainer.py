@@ -173,10 +173,15 @@ def test_probe_penalty_trains_and_is_checked_against_the_sae(world, pack_files, 
     penalty = get_reward_func("sae_probe", probe=str(path), weight=2.0)
     assert pickle.loads(pickle.dumps(penalty)).__name__ == "sae_probe"
     trainer = make_trainer(world, tmp_path, [NgramRepetitionPenalty(), penalty], max_steps=1,
-                           **sae_fields(world, pack_files))
+                           **sae_fields(world, pack_files, repetition_probe=str(path)))
     trainer.train()
     logged = [e["rewards/sae_probe/mean"] for e in trainer.state.log_history if "rewards/sae_probe/mean" in e]
     assert logged and all(-2.0 <= v <= 0.0 for v in logged)
+    # the same probe as a metric: the share of rollouts it calls looping
+    rates = [e["sae/repetition_probe_rate"] for e in trainer.state.log_history if "sae/repetition_probe_rate" in e]
+    assert rates and all(0.0 <= r <= 1.0 for r in rates)
+    with pytest.raises(ValueError, match="repetition_probe / aux_loss_weight / amplify_pack need sae_source"):
+        make_config(tmp_path, repetition_probe=str(path))
     probe.sae["fingerprint"] = "0" * 16  # as if fitted on another SAE
     with pytest.raises(ClassifierError, match="fitted on another SAE"):
         make_trainer(world, tmp_path, [SAEProbePenalty(probe)], **sae_fields(world, pack_files))

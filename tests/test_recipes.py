@@ -71,6 +71,33 @@ def test_demo_recipes_dry_run_with_no_missing_files(path, world, pack_files, tmp
         assert result["batch"]["generation_batch_size"] % result["batch"]["num_generations"] == 0
 
 
+def test_dry_run_checks_completion_probes(world, pack_files, tmp_path):
+    from qscope_rl import load_sae
+    from qscope_rl.probe import fit_completion_probe
+
+    recipe_path = str(RECIPES / "grpo_amplified_repetition.yaml")
+    common = ["--demo_world", str(world.path), "--output_dir", str(tmp_path)]
+    missing = plan(parse_recipe(recipe_path, common + ["--repetition_probe", str(tmp_path / "loop.safetensors")],
+                                dry_run=True))
+    assert [m["fields"] for m in missing["missing_files"]] == [["repetition_probe"]]
+    assert missing["missing_files"][0]["create_with"].startswith("qscope-rl features probe --model ")
+    docs = world.documents("train")
+    looping, clean = [d.text for d in docs if d.loop_char][:20], [d.text for d in docs if not d.loop_char][:20]
+    probe = fit_completion_probe(world.model, world.tokenizer, load_sae(world.sae_dir, layer=world.layer), looping,
+                                 clean)
+    path = probe.save(tmp_path / "loop.safetensors")
+    found = plan(parse_recipe(recipe_path, common + ["--repetition_probe", str(path)], dry_run=True))
+    assert found["missing_files"] == [] and found["probes"]["repetition_probe"]["layer"] == world.layer
+    probe.sae["layer"] = world.layer + 1
+    other = probe.save(tmp_path / "other.safetensors")
+    with pytest.raises(RecipeError, match=r"repetition_probe=.* was fitted on layer"):
+        plan(parse_recipe(recipe_path, common + ["--repetition_probe", str(other)], dry_run=True))
+    (tmp_path / "bad.safetensors").write_text("not a probe")
+    with pytest.raises(RecipeError, match=r"repetition_probe=.*not a safetensors classifier file"):
+        plan(parse_recipe(recipe_path, common + ["--repetition_probe", str(tmp_path / "bad.safetensors")],
+                          dry_run=True))
+
+
 @pytest.mark.parametrize("path", QWEN3, ids=lambda p: p.stem)
 def test_qwen3_recipes_dry_run_offline_and_miss_only_packs(path, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # pack paths are relative: none exist here

@@ -1,4 +1,4 @@
-"""Checkpoint sidecar of the SAE trainers: the SAE's source, layer and feature packs beside each checkpoint.
+"""Checkpoint sidecar of the SAE trainers: the SAE's source, layer, feature packs and probe beside each checkpoint.
 
 The SAE is never saved into the model (it is an attribute of the trainer, not a submodule), so a checkpoint
 alone does not say which SAE a run used. `SAECheckpointMixin` writes `qscope_sae.json` into every
@@ -11,6 +11,7 @@ lists the config fields holding pack paths in `_sae_pack_fields`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -23,8 +24,10 @@ class SAECheckpointMixin:
     def _sae_sidecar(self) -> dict:
         args = self.args
         packs = {name: getattr(args, name) for name in self._sae_pack_fields if getattr(args, name, None)}
+        probe = getattr(args, "repetition_probe", None)  # a safetensors file: its digest stands for it
         return {"sae_source": args.sae_source, "sae_layer": self.sae_layer, "sae_k": self.sae.k,
-                "sae_d_sae": self.sae.d_sae, "packs": {n: json.loads(open(p).read()) for n, p in packs.items()}}
+                "sae_d_sae": self.sae.d_sae, "packs": {n: json.loads(open(p).read()) for n, p in packs.items()},
+                "repetition_probe_sha256": hashlib.sha256(open(probe, "rb").read()).hexdigest() if probe else None}
 
     def _write_sae_sidecar(self, folder: str) -> None:
         """Save the SAE's source, layer and feature packs beside a checkpoint (never its weights)."""
@@ -44,7 +47,7 @@ class SAECheckpointMixin:
         with open(path) as f:
             saved = json.load(f)
         current = self._sae_sidecar()
-        for key in ("sae_source", "sae_layer", "sae_k", "sae_d_sae", "packs"):
+        for key in ("sae_source", "sae_layer", "sae_k", "sae_d_sae", "packs", "repetition_probe_sha256"):
             if saved.get(key) != current.get(key):
                 raise ValueError(f"resuming from {checkpoint} with a different SAE setting: {key} was "
                                  f"{str(saved.get(key))[:200]!r}, now {str(current.get(key))[:200]!r}")

@@ -50,6 +50,11 @@ class SAEArguments(SAESourceArguments):
     )
     repetition_pack: str | None = field(
         default=None, metadata={"help": "Feature pack (JSON) of repetition features: drives sae/repetition_rate."})
+    repetition_probe: str | None = field(
+        default=None,
+        metadata={"help": "Completion probe (.safetensors from `qscope-rl features probe`, e.g. looping vs clean "
+                  "texts): drives sae/repetition_probe_rate, the share of rollouts it calls positive."},
+    )
     sae_detect_threshold: float = field(
         default=0.0, metadata={"help": "A completion counts as flagged when its SAE score exceeds this."})
     aux_loss_weight: float = field(
@@ -80,9 +85,11 @@ class SAEArguments(SAESourceArguments):
     def validate_sae_args(self, num_generations: int | None) -> None:
         if self.sae_capture not in CAPTURE_MODES:
             raise ValueError(f"sae_capture={self.sae_capture!r}: expected one of {CAPTURE_MODES}")
-        uses_sae = any([self.code_switch_pack, self.repetition_pack, self.aux_loss_weight, self.amplify_pack])
+        uses_sae = any([self.code_switch_pack, self.repetition_pack, self.repetition_probe, self.aux_loss_weight,
+                        self.amplify_pack])
         if uses_sae and self.sae_source is None:
-            raise ValueError("code_switch_pack / repetition_pack / aux_loss_weight / amplify_pack need sae_source")
+            raise ValueError("code_switch_pack / repetition_pack / repetition_probe / aux_loss_weight / amplify_pack "
+                             "need sae_source")
         if self.sae_source is None:
             return
         self.validate_sae_source()

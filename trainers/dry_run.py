@@ -2,7 +2,8 @@
 
 The plan says where the model, dataset and SAE come from (local, Hub cache, or "download at start"), checks the
 SAE layer against the Qwen-Scope releases table, binds every reward's and callback's settings to its signature,
-lists the feature packs (missing ones with the command that makes them) and spells out the batch arithmetic.
+lists the feature packs and probes (missing ones with the command that makes them) and spells out the batch
+arithmetic.
 A problem that would stop the run is a `RecipeError` naming the field; missing pack files are listed instead,
 so one dry run shows all of them.
 """
@@ -13,6 +14,7 @@ import importlib.util
 import inspect
 from pathlib import Path
 
+from qscope_rl.classify import FeatureClassifier
 from qscope_rl.feature_pack import FeaturePack
 from qscope_rl.loaders import SAELoadError, resolve_hub_sae, sae_source_kind
 from qscope_rl.releases import find_release
@@ -28,6 +30,7 @@ def plan(recipe: Recipe, processes: int = 1) -> dict:
     run, config = recipe.run, recipe.config
     sae = _sae(recipe)
     packs, missing = _packs(recipe, sae)
+    probes, missing_probes = _probes(recipe, sae)
     dataset, batch = _dataset(recipe), _batch(recipe, processes)
     if "rows" in dataset and config.max_steps > 0:  # how many passes over the data max_steps makes
         seen = batch.get("prompts_seen", config.max_steps * batch["samples_per_optimizer_step"])
@@ -42,6 +45,7 @@ def plan(recipe: Recipe, processes: int = 1) -> dict:
         "dataset": dataset,
         "sae": sae,
         "packs": packs,
+        "probes": probes,
         "rewards": _rewards(recipe) if recipe.trainer in RL_TRAINERS else [],
         "callbacks": _callbacks(recipe),
         "peft": {"r": run.lora_r, "alpha": run.lora_alpha, "dropout": run.lora_dropout,
@@ -49,7 +53,7 @@ def plan(recipe: Recipe, processes: int = 1) -> dict:
         "batch": batch,
         "output_dir": config.output_dir,
         "report_to": _report_to(config),
-        "missing_files": missing,
+        "missing_files": missing + missing_probes,
         "notes": list(recipe.notes),
     }
 
@@ -165,6 +169,36 @@ def _packs(recipe: Recipe, sae: dict | None) -> tuple[dict, list[dict]]:
         packs[where] = {"path": path, "name": pack.name, "features": len(pack), "layer": pack.layer,
                         "sae_source": pack.sae_source}
     return packs, list(missing.values())
+
+
+def _probes(recipe: Recipe, sae: dict | None) -> tuple[dict, list[dict]]:
+    """The completion probes the run reads (config fields ending in '_probe', reward settings named 'probe'),
+    loaded and checked against the SAE like the packs; missing ones come with the command that fits one."""
+    config, run = recipe.config, recipe.run
+    found = [(name, getattr(config, name)) for name in sorted(vars(config))
+             if name.endswith("_probe") and isinstance(getattr(config, name), str)]
+    found += [(f"reward_kwargs.{owner}.probe", kwargs["probe"]) for owner, kwargs in run.reward_kwargs.items()
+              if isinstance(kwargs.get("probe"), str)]
+    probes, missing = {}, []
+    source = f"--model {run.model_name_or_path} --sae {config.sae_source} --layer {config.sae_layer}"
+    for where, path in found:
+        if not Path(path).is_file():
+            missing.append({"path": path, "fields": [where], "create_with": f"qscope-rl features probe {source} "
+                            f"--positive <positive.jsonl> --negative <negative.jsonl> --out {path}"})
+            continue
+        try:
+            probe = FeatureClassifier.load(path)
+        except ValueError as err:
+            raise RecipeError(f"{where}={path!r}: {err}") from err
+        layer = getattr(config, "sae_layer", None)
+        if layer is not None and probe.sae.get("layer") not in (None, layer):
+            raise RecipeError(f"{where}={path!r} was fitted on layer {probe.sae['layer']}, but sae_layer={layer}")
+        if sae is not None and sae.get("d_sae") not in (None, probe.sae.get("d_sae")):
+            raise RecipeError(f"{where}={path!r} was fitted on an SAE with d_sae={probe.sae.get('d_sae')}, but "
+                              f"{sae['repo_id']} has d_sae={sae['d_sae']}")
+        probes[where] = {"path": path, "features": probe.features, "classes": probe.classes,
+                         "layer": probe.sae.get("layer"), "sae_source": probe.sae.get("source")}
+    return probes, missing
 
 
 def discover_command(recipe: Recipe, path: str) -> str:

@@ -25,10 +25,12 @@ import torch
 from torch import Tensor
 
 from qscope_rl.aux_loss import FeatureAuxLoss
+from qscope_rl.classify import FeatureClassifier
 from qscope_rl.detection import code_switch_scores, encode_completions, repetition_scores
 from qscope_rl.feature_pack import FeaturePack
 from qscope_rl.hooks import add_to_residual, capture_residual, decoder_layer, hidden_size, layer_output
 from qscope_rl.loaders import load_sae
+from qscope_rl.probe import probe_scores
 
 from .checkpoint import SAECheckpointMixin
 
@@ -68,6 +70,9 @@ class SAETrainerMixin(SAECheckpointMixin):
         self.sae = sae
         self.code_switch_pack = self._load_pack(args.code_switch_pack)
         self.repetition_pack = self._load_pack(args.repetition_pack)
+        self.repetition_probe = None
+        if args.repetition_probe is not None:
+            self.repetition_probe = FeatureClassifier.load(args.repetition_probe, sae=sae)
         for func in self.reward_funcs:
             if getattr(func, "feature_pack", None) is not None:
                 func.feature_pack.check_compatible(sae, layer=self.sae_layer)
@@ -248,6 +253,9 @@ class SAETrainerMixin(SAECheckpointMixin):
             metrics["sae/repetition_rate"].append(gather((scores > threshold).float()).mean().item())
             metrics["sae/repetition_score"].append(gather(scores.float()).mean().item())
             problem_ids.append(self.repetition_pack.ids)
+        if self.repetition_probe is not None:
+            positive = probe_scores(acts, self.repetition_probe).to(device) > 0
+            metrics["sae/repetition_probe_rate"].append(gather(positive.float()).mean().item())
         if problem_ids and self.args.sae_log_top_features > 0:
             self._log_top_features(metrics, torch.unique(torch.cat(problem_ids)))
         if self._amplified is not None and rewards_per_func is not None and self._amplify_vector is not None:
