@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .feature_pack import FeaturePack, FeaturePackError
@@ -83,11 +82,6 @@ class CompletionActivations:
         return self.pre[..., self.tracked_columns(ids)] if len(ids) else self.pre[..., :0]
 
 
-@torch.no_grad()
-def _encode_flat(sae: SparseAutoencoder, flat: Tensor, chunk_tokens: int) -> SparseActs:
-    return sae.encode_sparse(flat, chunk_tokens=chunk_tokens)
-
-
 def encode_completions(sae: SparseAutoencoder, hidden: Tensor, completion_mask: Tensor, *,
                        prompt_length: int | None = None, tracked_ids: Tensor | Sequence[int] | None = None,
                        chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> CompletionActivations:
@@ -114,21 +108,21 @@ def encode_completions(sae: SparseAutoencoder, hidden: Tensor, completion_mask: 
     where = mask.flatten().nonzero().squeeze(1)  # (N,) positions in the (B * T) completion grid
     rows = where // length * hidden.shape[1] + prompt_length + where % length
     flat = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows).to(sae.W_enc.device)  # (N, d_in)
-    acts = _encode_flat(sae, flat, chunk_tokens)
+    ids = flat_pre = None
+    if tracked_ids is None:
+        with torch.no_grad():
+            acts = sae.encode_sparse(flat, chunk_tokens=chunk_tokens)
+    else:  # the tracked pre-activations come out of the encode's own matmul, with autograd if hidden had it
+        ids = torch.as_tensor(tracked_ids, dtype=torch.long, device=sae.W_enc.device).flatten()
+        acts, flat_pre = sae.encode_sparse_tracked(flat, ids, chunk_tokens=chunk_tokens)
+        acts = SparseActs(acts.values.detach(), acts.indices)
     where, mask = where.to(sae.W_enc.device), mask.to(sae.W_enc.device)
     width = acts.values.shape[-1]
     values = acts.values.new_zeros(batch * length, width).index_copy_(0, where, acts.values)
     indices = acts.indices.new_zeros(batch * length, width).index_copy_(0, where, acts.indices)
     values, indices = values.view(batch, length, width), indices.view(batch, length, width)
-    pre = ids = None
-    if tracked_ids is not None:
-        ids = torch.as_tensor(tracked_ids, dtype=torch.long, device=sae.W_enc.device).flatten()
-        if len(ids) and not bool(((ids >= 0) & (ids < sae.d_sae)).all()):
-            raise ValueError(f"tracked_ids out of range for an SAE with d_sae={sae.d_sae}: {ids.tolist()}")
-        x = flat.to(sae.W_enc.dtype)
-        if sae.apply_b_dec_to_input:
-            x = x - sae.b_dec
-        flat_pre = F.linear(x, sae.W_enc[ids], sae.b_enc[ids])  # (N, f), same math as sae.pre_acts
+    pre = None
+    if ids is not None:
         pre = flat_pre.new_zeros(batch * length, len(ids)).index_copy(0, where, flat_pre)
         pre = pre.view(batch, length, len(ids))
     return CompletionActivations(values, indices, mask, pre, ids, sae.d_sae)

@@ -37,12 +37,14 @@ def tail_mean_activations(acts: CompletionActivations, last: int) -> Tensor:
         raise ValueError(f"last must be >= 1 token, got {last}")
     if acts.d_sae is None:
         raise ValueError("these activations do not record their SAE's width (d_sae)")
-    batch, length, k = acts.values.shape
+    batch, length = acts.mask.shape
     lengths = acts.mask.sum(1, keepdim=True)  # (B, 1); right padding: real tokens come first
     position = torch.arange(length, device=acts.mask.device)[None]
     tail = acts.mask & (position >= lengths - last)  # (B, T)
-    values = (acts.values * tail.unsqueeze(-1).to(acts.values.dtype)).reshape(batch, length * k)
-    pooled = acts.values.new_zeros(batch, acts.d_sae).scatter_add_(1, acts.indices.reshape(batch, length * k), values)
+    row, col = tail.nonzero(as_tuple=True)  # the tail tokens only, (M,)
+    flat = (row[:, None] * acts.d_sae + acts.indices[row, col]).flatten()  # (M * k,) into a (B * d_sae) table
+    pooled = acts.values.new_zeros(batch * acts.d_sae).index_add_(0, flat, acts.values[row, col].flatten())
+    pooled = pooled.view(batch, acts.d_sae)
     return pooled / tail.sum(1, keepdim=True).clamp(min=1)
 
 

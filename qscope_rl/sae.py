@@ -159,12 +159,29 @@ class SparseAutoencoder(nn.Module):
         TopK SAEs return exactly k entries per token; JumpReLU/ReLU SAEs return ``self.k`` entries if set,
         else as many as the busiest token has, zero-padded.
         """
+        return self._encode_sparse(x, chunk_tokens, None)[0]
+
+    def encode_sparse_tracked(self, x: Tensor, tracked_ids, chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+                              ) -> tuple[SparseActs, Tensor]:
+        """``encode_sparse`` and the pre-activations of features ``tracked_ids``, (..., len(tracked_ids)).
+
+        The tracked columns are read out of each chunk's pre-activations (no second matmul), and keep autograd
+        when ``x`` has it (for SASFT-style losses).
+        """
+        ids = torch.as_tensor(tracked_ids, dtype=torch.long, device=self.W_enc.device).flatten()
+        if len(ids) and not bool(((ids >= 0) & (ids < self.d_sae)).all()):
+            raise ValueError(f"tracked_ids out of range for an SAE with d_sae={self.d_sae}: {ids.tolist()}")
+        return self._encode_sparse(x, chunk_tokens, ids)
+
+    def _encode_sparse(self, x: Tensor, chunk_tokens: int, tracked_ids: Tensor | None):
         self._check_input(x)
         lead = x.shape[:-1]
         flat = x.reshape(-1, self.d_in)
-        values, indices = [], []
+        values, indices, tracked = [], [], []
         for chunk in flat.split(chunk_tokens) if len(flat) else ():  # an empty input splits into one empty chunk
             pre = self.pre_acts(chunk)  # (chunk, d_sae)
+            if tracked_ids is not None:
+                tracked.append(pre.index_select(-1, tracked_ids))
             if self.architecture == "topk":
                 v, i = pre.topk(self.k, dim=-1, sorted=False)
                 v = v.relu()
@@ -178,10 +195,14 @@ class SparseAutoencoder(nn.Module):
         width = max((v.shape[-1] for v in values), default=self.k or 1)
         values = [F.pad(v, (0, width - v.shape[-1])) for v in values]
         indices = [F.pad(i, (0, width - i.shape[-1])) for i in indices]
+        n_tracked = 0 if tracked_ids is None else len(tracked_ids)
+        pre_tracked = torch.cat(tracked).reshape(*lead, n_tracked) if tracked else \
+            flat.new_zeros(*lead, n_tracked, dtype=self.W_enc.dtype)
         if not values:
             empty = flat.new_zeros(0, width, dtype=self.W_enc.dtype)
-            return SparseActs(empty.reshape(*lead, width), empty.long().reshape(*lead, width))
-        return SparseActs(torch.cat(values).reshape(*lead, width), torch.cat(indices).reshape(*lead, width))
+            return SparseActs(empty.reshape(*lead, width), empty.long().reshape(*lead, width)), pre_tracked
+        acts = SparseActs(torch.cat(values).reshape(*lead, width), torch.cat(indices).reshape(*lead, width))
+        return acts, pre_tracked
 
     # -- decoding -------------------------------------------------------------------------------------
 

@@ -56,6 +56,18 @@ def test_encode_sparse_matches_dense(architecture, chunk):
     assert_close(sparse.feature(7), sae.encode(x)[..., 7])
     empty = sae.encode_sparse(x[:, :0], chunk_tokens=chunk)  # no tokens (an empty completion batch)
     assert empty.values.shape[:2] == (2, 0) and empty.indices.shape == empty.values.shape
+    # the tracked variant: the same codes, and some features' pre-activations from the same matmul, with autograd
+    leaf = x.clone().requires_grad_()
+    tracked, pre = sae.encode_sparse_tracked(leaf, ids, chunk_tokens=chunk)
+    assert_close(tracked.to_dense(D_SAE).detach(), sparse.to_dense(D_SAE))
+    assert pre.shape == (2, 5, 3)
+    assert_close(pre, sae.pre_acts(x)[..., ids])
+    pre.sum().backward()
+    assert_close(leaf.grad, sae.W_enc[ids].sum(0).expand_as(x))
+    with pytest.raises(ValueError, match="out of range"):
+        sae.encode_sparse_tracked(x, [D_SAE])
+    empty_acts, empty_pre = sae.encode_sparse_tracked(x[:, :0], ids)
+    assert empty_acts.values.shape[:2] == (2, 0) and empty_pre.shape == (2, 0, 3)
 
 
 def test_jumprelu_and_relu_math():
