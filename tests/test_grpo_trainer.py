@@ -244,3 +244,20 @@ def test_trl_private_methods_we_override_are_there():
 def test_sae_is_frozen_outside_the_model(world):
     sae = load_sae(world.sae_dir, layer=world.layer)
     assert isinstance(sae, SparseAutoencoder) and not any(p.requires_grad for p in sae.parameters())
+
+
+@pytest.mark.parametrize("model_dtype, sae_dtype", [(torch.bfloat16, None), (torch.float32, "bfloat16")])
+def test_mixed_dtypes_train_with_the_sae_in_its_own_dtype(world, pack_files, tmp_path, model_dtype, sae_dtype):
+    model = copy.deepcopy(world.model).to(model_dtype)
+    args = make_config(tmp_path, max_steps=1, **sae_fields(world, pack_files, aux_loss_weight=0.1, sae_dtype=sae_dtype))
+    trainer = SAEGRPOTrainer(model=model, reward_funcs=[SAECodeSwitchPenalty(pack_files["zh"])], args=args,
+                             train_dataset=prompt_dataset(world), processing_class=world.tokenizer)
+    stored = load_sae(world.sae_dir, layer=world.layer).W_enc.dtype
+    assert trainer.sae.W_enc.dtype == (torch.bfloat16 if sae_dtype else stored)
+    trainer.train()
+    logs = trainer.state.log_history
+    losses = [e["loss"] for e in logs if "loss" in e]
+    assert losses and all(torch.isfinite(torch.tensor(v)) for v in losses)
+    aux = [e["sae/aux_loss"] for e in logs if "sae/aux_loss" in e]
+    assert aux and all(v == v for v in aux)  # not NaN
+    assert next(trainer.model.parameters()).dtype == model_dtype
