@@ -43,7 +43,8 @@ ARMS = {
     "e": "+ amplified repetition-feature sampling (Qwen-Scope RL)",
     "f": "+ n-gram repetition penalty (open-r1)",
 }
-MEASURES = ("code_switch_rate", "loop_rate", "task_reward", "rollout_code_switch_rate", "rollout_loop_rate")
+MEASURES = ("code_switch_rate", "loop_rate", "task_reward", "rollout_code_switch_rate", "rollout_loop_rate",
+            "reward_amplified", "reward_normal")
 CURVES = {"code_switch_rate": "rewards/judge_code_switch/mean", "loop_rate": "rewards/judge_loop/mean",
           "task_reward": "rewards/world_topic/mean"}
 
@@ -197,6 +198,11 @@ def run_one(arm: str, seed: int, world_path: str, packs: dict, settings: DemoSet
     curves = {name: [e[key] for e in history if key in e] for name, key in CURVES.items()}
     # the judged rates of the rollouts averaged over training: how fast an arm got there
     during = {f"rollout_{k}": statistics.fmean(curves[k]) for k in ("code_switch_rate", "loop_rate")}
+    # arm (e): the reward of the amplified rollouts vs the normal ones, over training (are they the negatives?)
+    for key in ("reward_amplified", "reward_normal"):
+        logged = [e[f"sae/{key}"] for e in history if f"sae/{key}" in e]
+        if logged:
+            during[key] = statistics.fmean(logged)
     return {"arm": arm, "seed": seed, **measured, **during, "curves": curves}
 
 

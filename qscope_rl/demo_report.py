@@ -81,6 +81,10 @@ def markdown(result: dict) -> str:
                   + ", ".join(f"({a}) {row['loop_rate']['mean']:.4f}" for a, row in result["arms"].items()) + "."]
     elif ratios:
         lines += ["", "Loop rate as a ratio to (a)'s: " + ", ".join(f"({a}) {r:.2f}" for a, r in ratios.items()) + "."]
+    amplified = result["arms"].get("e", {})
+    if "reward_amplified" in amplified and "reward_normal" in amplified:
+        lines += ["", f"(e)'s amplified rollouts earned a total reward of {_cell(amplified['reward_amplified'])} "
+                  f"over training, the normal rollouts of the same groups {_cell(amplified['reward_normal'])}."]
     missed = [c["claim"] for c in checks(result) if not c["met"]]
     lines += ["", "Not met: " + "; ".join(missed) + "." if missed else "Every target was met.",
               "", f"Run time: {result['seconds']:.0f} s.", ""]

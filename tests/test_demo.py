@@ -76,3 +76,7 @@ def test_quick_demo_runs_end_to_end(world, tmp_path, capsys):
     for name in ("demo.json", "demo.md", "training_curves.png", "held_out.png"):
         assert (out / name).stat().st_size > 0
     assert "| (d) + SAE penalty + SASFT auxiliary loss |" in (out / "demo.md").read_text()
+    # only (e) amplifies: its amplified and normal rollouts' rewards are reported
+    assert 0.0 <= report["arms"]["e"]["reward_amplified"]["mean"] <= 1.0
+    assert "reward_amplified" not in report["arms"]["a"]
+    assert "(e)'s amplified rollouts earned" in (out / "demo.md").read_text()
