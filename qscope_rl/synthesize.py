@@ -3,8 +3,9 @@
 1. ``feature_coverage``: on how many of the dataset's texts each feature fires (max over tokens > 0).
 2. ``target_features``: features with zero coverage, optionally only those of a domain: a feature pack,
    explicit ids, or the features alive on reference texts of the domain (dead features can't be reached).
-3. ``synthesize``: for each target, generate candidates aimed at it, by prompting with its top-activating
-   context in the reference texts (``"context"``: the few tokens just before its top token), by steering
+3. ``synthesize``: for each target, generate candidates aimed at it, by prompting with a context of it in the
+   reference texts (``"context"``: the tokens just before a token where it fires, the one the model itself
+   most likely writes first, among the texts where it fires hardest), by steering
    toward it (``"steer"``: ``h + alpha * d_j`` from a random prompt, alpha = ``strength`` x its typical
    activation), or both. A candidate is prompt + completion, and it is kept only if the unsteered model + SAE
    find the target firing on a GENERATED token (the prompt is context only; copied text never counts). A
@@ -20,6 +21,7 @@ saved as JSONL by ``save_jsonl``.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import random
 from collections.abc import Iterable, Sequence
@@ -66,30 +68,53 @@ def target_features(coverage: Tensor, domain: FeaturePack | Iterable[int] | Tens
 
 @torch.no_grad()
 def top_contexts(model, tokenizer, sae: SparseAutoencoder, texts: Sequence[str], max_acts: Tensor,
-                 features: Sequence[int], *, n: int = 1, context_tokens: int = 16,
-                 layer: int | None = None) -> dict[int, list[str]]:
-    """For each feature, up to ``n`` prompts: the (at most ``context_tokens``) tokens just BEFORE its top token
-    in each of the ``n`` texts where it fires hardest, after which the model may write such a token itself.
+                 features: Sequence[int], *, n: int = 1, context_tokens: int = 32, pool: int = 16,
+                 max_length: int = 256, layer: int | None = None) -> dict[int, list[str]]:
+    """For each feature, up to ``n`` prompts: the (at most ``context_tokens``) tokens just BEFORE a token where it
+    fires, after which the model may write such a token itself.
 
-    ``max_acts`` is ``encode_texts(texts).max_acts``; texts where the feature is silent, or whose top token opens
-    the text, give no context (a feature may get none).
+    Searched: every firing token of the ``pool`` texts where the feature fires hardest (``max_acts`` is
+    ``encode_texts(texts, max_length=max_length).max_acts``). Ranked by the model's own probability of writing
+    the firing token after its context, p(x_t | x_<t): the feature fired on exactly that token after exactly that
+    context, so this is an attempt's chance of a hit, and a rare feature's top-activating token is often one the
+    model seldom writes. A context ends at a character boundary (the model then writes the split character
+    whole, and the chance covers all of its tokens) and is never empty.
     """
     layer = sae_layer(sae, layer)
-    contexts: dict[int, list[str]] = {}
+    features = [int(f) for f in features]
+    wanted: dict[int, list[int]] = {}  # text row -> features to look for in it
+    for f in features:
+        values, rows = max_acts[:, f].topk(min(pool, len(texts)))
+        for row in rows[values > 0].tolist():
+            wanted.setdefault(row, []).append(f)
+    found: dict[int, list[tuple[float, str]]] = {}
     device = next(model.parameters()).device
     with capture_residual(model, layer) as capture:
-        for f in features:
-            f = int(f)
-            values, rows = max_acts[:, f].topk(min(n, len(texts)))
-            for row in rows[values > 0].tolist():
-                ids = tokenizer(texts[row], return_tensors="pt")["input_ids"].to(device)
-                capture.clear()
-                model(input_ids=ids, use_cache=False)
-                acts = sae.encode_sparse(capture.last[0].to(sae.W_enc.device, sae.W_enc.dtype)).feature(f)
-                top = int(acts.argmax())
-                prefix = tokenizer.decode(ids[0, max(top - context_tokens, 0):top], skip_special_tokens=True)
-                if prefix.strip():
-                    contexts.setdefault(f, []).append(prefix)
+        for row, feats in wanted.items():
+            ids = tokenizer(texts[row], return_tensors="pt", truncation=True, max_length=max_length)["input_ids"]
+            ids = ids.to(device)
+            capture.clear()
+            logits = model(input_ids=ids, use_cache=False).logits[0].float()  # (T, vocab)
+            acts = sae.encode_sparse(capture.last[0].to(sae.W_enc.device, sae.W_enc.dtype))
+            acts = acts.features(torch.tensor(feats)).cpu()  # (T, f)
+            ids = ids[0].cpu()
+            logp = torch.zeros(len(ids))  # log p(x_t | x_<t); the first token has no context
+            logp[1:] = logits[:-1].log_softmax(-1).gather(1, ids[1:, None].to(logits.device)).flatten().cpu()
+            for j, f in enumerate(feats):
+                for t in acts[:, j].nonzero().flatten().tolist():
+                    cut = t  # back off over a split character's leading bytes: the model writes them too
+                    while cut > 0 and tokenizer.decode(ids[max(cut - context_tokens, 0):cut]).endswith("\ufffd"):
+                        cut -= 1
+                    prefix = tokenizer.decode(ids[max(cut - context_tokens, 0):cut], skip_special_tokens=True)
+                    prefix = prefix.lstrip("\ufffd")  # a character cut at the window's start
+                    if prefix.strip():
+                        found.setdefault(f, []).append((float(logp[cut:t + 1].sum()), prefix))
+    contexts = {}
+    for f, options in found.items():
+        best: dict[str, float] = {}  # distinct prefixes, each with its likeliest firing continuation
+        for logp_hit, prefix in options:
+            best[prefix] = max(logp_hit, best.get(prefix, -math.inf))
+        contexts[f] = sorted(best, key=best.get, reverse=True)[:n]
     return contexts
 
 

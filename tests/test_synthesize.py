@@ -9,7 +9,7 @@ from qscope_rl import load_sae
 from qscope_rl.cli import main
 from qscope_rl.feature_pack import Feature, FeaturePack
 from qscope_rl.hooks import capture_residual
-from qscope_rl.synthesize import feature_coverage, synthesize, target_features, unguided
+from qscope_rl.synthesize import feature_coverage, synthesize, target_features, top_contexts, unguided
 from qscope_rl.text_features import encode_texts
 
 
@@ -37,6 +37,35 @@ def test_skip_tokens_pools_only_the_rest(world):
     torch.testing.assert_close(feats.max_acts[0], dense.max(0).values)
     torch.testing.assert_close(feats.max_acts[1], dense[5:].max(0).values)
     torch.testing.assert_close(feats.mean_hidden[1], cap.last[0, 5:].mean(0))
+
+
+def test_top_contexts_come_likeliest_hit_first(world):
+    """Against a naive reference: every token where the feature fires (dense encode), its context ranked by
+    p(token | context) under the model, best per distinct context. English texts: no character is split."""
+    sae = load_sae(world.sae_dir, layer=world.layer)
+    model, tok = world.model, world.tokenizer
+    texts = [d.text for d in world.documents("heldout") if d.lang == "en"][:24]
+    max_acts = encode_texts(model, tok, sae, texts, progress=False).max_acts
+    features = max_acts.gt(0).sum(0).argsort(descending=True)[40:44].tolist()  # fire in some texts, not all
+    got = top_contexts(model, tok, sae, texts, max_acts, features, n=3, context_tokens=8, pool=len(texts))
+    assert all(len(got.get(f, [])) == 3 for f in features)  # each fires after several distinct contexts
+    for f in features:
+        best = {}
+        for text in texts:
+            ids = tok(text, return_tensors="pt")["input_ids"]
+            with torch.no_grad(), capture_residual(model, world.layer) as cap:
+                logp = model(input_ids=ids).logits[0].log_softmax(-1)
+            for t in sae.encode(cap.last[0])[:, f].nonzero().flatten().tolist():
+                prefix = tok.decode(ids[0, max(t - 8, 0):t])
+                if t > 0 and prefix.strip():
+                    best[prefix] = max(float(logp[t - 1, ids[0, t]]), best.get(prefix, -float("inf")))
+        want = sorted(best, key=best.get, reverse=True)[:3]
+        assert got.get(f, []) == want, f
+    # Chinese: byte-level tokens split characters; a context never ends (or starts) inside one
+    zh = [d.text for d in world.documents("heldout") if d.lang == "zh"][:24]
+    zh_acts = encode_texts(model, tok, sae, zh, progress=False).max_acts
+    contexts = top_contexts(model, tok, sae, zh, zh_acts, zh_acts.gt(0).any(0).nonzero().flatten().tolist(), n=2)
+    assert contexts and all(c.strip() and "\ufffd" not in c for cs in contexts.values() for c in cs)
 
 
 def test_world_synthesis_keeps_only_real_activations(world, tmp_path):
