@@ -7,7 +7,7 @@ Settings are fixed up front (chosen on the test-size world, reported here on the
 - steer: suppress the top 8 "zh" features (SASFT monolinguality pack) at -medium on English prompts;
   amplify the top 8 contrastive features of each topic at +strong on prompts of the other topics.
   Fluency cost: the unsteered model's perplexity on the samples. Throughput: the same generate call with
-  and without the steering hook, interleaved, best of 3 each.
+  and without the steering hook, interleaved, best of 5 each.
 - classify: macro-F1 on 400 held-out documents (8 topics) vs seeds per class, mean of 3 seed draws.
 - synthesize: the dataset is 64 English training documents; the domain is the features alive on 300
   held-out Chinese documents; targets = domain features the dataset never activates; prompts are the
@@ -91,7 +91,7 @@ def bench_steer(world, sae, n_prompts: int, plots: Path | None) -> dict:
     # throughput: the same call with and without the hook, interleaved so that machine noise hits both
     alphas = relative_strengths(zh, CS_STRENGTH, top=TOP)
     plain, steered = [], []
-    for _ in range(3):
+    for _ in range(5):
         t0 = time.perf_counter()
         generate(model, tok, texts, progress=False)
         plain.append(time.perf_counter() - t0)
@@ -101,7 +101,7 @@ def bench_steer(world, sae, n_prompts: int, plots: Path | None) -> dict:
         steered.append(time.perf_counter() - t0)
     ratio = min(plain) / min(steered)
     print(f"throughput: unsteered {min(plain):.2f}s, steered {min(steered):.2f}s for {len(texts)} x 48 tokens "
-          f"(best of 3): steered/unsteered = {ratio:.3f} (goal >= 0.95)")
+          f"(best of 5): steered/unsteered = {ratio:.3f} (goal >= 0.95)")
     return {"steer_cs_reduction": reduction, "steer_topic_success": topic_success, "steer_throughput_ratio": ratio,
             "steer_cs_perplexity": [rows["unsteered"]["perplexity"], rows[CS_STRENGTH]["perplexity"]]}
 

@@ -200,16 +200,15 @@ class ResidualEdit(_LayerHook):
             self._offset += seq
             return None
         delta = self.delta_fn(hidden).to(hidden.dtype)  # (d,) or (B, T, d)
-        mask = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+        mask = self._position_mask(hidden, kwargs.get("position_ids"))  # (B, T) or None
         if self.rows is not None:
             row_mask = torch.zeros(hidden.shape[0], dtype=torch.bool, device=hidden.device)
             row_mask[self.rows[self.rows < hidden.shape[0]].to(hidden.device)] = True
-            mask &= row_mask[:, None]
-        position_mask = self._position_mask(hidden, kwargs.get("position_ids"))
-        if position_mask is not None:
-            mask &= position_mask
+            mask = row_mask[:, None] if mask is None else mask & row_mask[:, None]
         self._offset += seq
-        return replace_layer_output(output, hidden + mask.unsqueeze(-1).to(hidden.dtype) * delta)
+        if mask is not None:  # unrestricted edits (the common case) skip the mask: one add per forward
+            delta = mask.unsqueeze(-1).to(hidden.dtype) * delta
+        return replace_layer_output(output, hidden + delta)
 
     def _install(self):
         self._offset = 0  # positions without position_ids count from the first forward after entering
