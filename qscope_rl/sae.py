@@ -195,9 +195,10 @@ class SparseAutoencoder(nn.Module):
         width = max((v.shape[-1] for v in values), default=self.k or 1)
         values = [F.pad(v, (0, width - v.shape[-1])) for v in values]
         indices = [F.pad(i, (0, width - i.shape[-1])) for i in indices]
-        n_tracked = 0 if tracked_ids is None else len(tracked_ids)
-        pre_tracked = torch.cat(tracked).reshape(*lead, n_tracked) if tracked else \
-            flat.new_zeros(*lead, n_tracked, dtype=self.W_enc.dtype)
+        pre_tracked = None  # (..., f) for encode_sparse_tracked
+        if tracked_ids is not None:
+            pre_tracked = torch.cat(tracked).reshape(*lead, len(tracked_ids)) if tracked else \
+                flat.new_zeros(*lead, len(tracked_ids), dtype=self.W_enc.dtype)
         if not values:
             empty = flat.new_zeros(0, width, dtype=self.W_enc.dtype)
             return SparseActs(empty.reshape(*lead, width), empty.long().reshape(*lead, width)), pre_tracked
