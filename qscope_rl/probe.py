@@ -97,14 +97,20 @@ def score_texts(model: nn.Module, tokenizer, sae: SparseAutoencoder, texts: Sequ
                       for acts in _text_activations(model, tokenizer, sae, texts, batch_size, max_length)])
 
 
+def completion_probe_tail(probe: FeatureClassifier) -> int:
+    """How many tokens at a completion's end the probe reads; a ValueError for any other classifier."""
+    kind, _, last = probe.features.partition(":")
+    if kind != "tail_mean" or not last.isdigit() or POSITIVE not in probe.classes:
+        raise ValueError(f"not a completion probe (features {probe.features!r}, classes {probe.classes}): "
+                         "fit one with fit_completion_probe or `qscope-rl features probe`")
+    return int(last)
+
+
 def probe_scores(acts: CompletionActivations, probe: FeatureClassifier) -> Tensor:
     """(B,) the probe's logit for ``positive`` on each completion (higher: more likely the failure)."""
-    kind, _, last = probe.features.partition(":")
-    if kind != "tail_mean" or POSITIVE not in probe.classes:
-        raise ValueError(f"not a completion probe (features {probe.features!r}, classes {probe.classes}): "
-                         "fit one with fit_completion_probe")
+    last = completion_probe_tail(probe)
     if acts.d_sae is not None and acts.d_sae != probe.sae["d_sae"]:
         raise ValueError(f"the probe was fitted on an SAE with d_sae={probe.sae['d_sae']}, these activations "
                          f"come from one with d_sae={acts.d_sae}")
-    decision = probe.decision(tail_mean_activations(acts, int(last)))
+    decision = probe.decision(tail_mean_activations(acts, last))
     return decision[:, probe.classes.index(POSITIVE)].to(acts.values.device)

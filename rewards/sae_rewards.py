@@ -16,7 +16,7 @@ import torch
 from qscope_rl.classify import FeatureClassifier
 from qscope_rl.detection import code_switch_scores, repetition_scores
 from qscope_rl.feature_pack import FeaturePack
-from qscope_rl.probe import probe_scores
+from qscope_rl.probe import completion_probe_tail, probe_scores
 
 
 def _activations(kwargs, name: str):
@@ -93,6 +93,7 @@ class SAEProbePenalty:
 
     def __init__(self, probe: FeatureClassifier | str, weight: float = 1.0):
         self.probe = probe if isinstance(probe, FeatureClassifier) else FeatureClassifier.load(probe)
+        completion_probe_tail(self.probe)  # a max_acts classifier is refused here, not at the first reward call
         self.weight = weight
 
     def __call__(self, completions, **kwargs) -> list[float]:

@@ -66,6 +66,10 @@ def test_probe_separates_looping_documents_and_round_trips(world, tmp_path):
     plain = FeatureClassifier.fit(torch.rand(4, sae.d_sae), ["a", "a", "b", "b"], sae, kind="logistic")
     with pytest.raises(ValueError, match="not a completion probe"):
         probe_scores(completion_acts(world, sae, held_out[:2]), plain)
+    from qscope_rl.rewards import SAEProbePenalty
+
+    with pytest.raises(ValueError, match="not a completion probe"):
+        SAEProbePenalty(plain)
     # activations of another SAE are refused
     other = CompletionActivations(torch.zeros(1, 2, sae.k), torch.zeros(1, 2, sae.k, dtype=torch.long),
                                   torch.ones(1, 2, dtype=torch.bool), d_sae=sae.d_sae + 1)

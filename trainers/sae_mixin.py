@@ -30,7 +30,7 @@ from qscope_rl.detection import code_switch_scores, encode_completions, repetiti
 from qscope_rl.feature_pack import FeaturePack
 from qscope_rl.hooks import add_to_residual, capture_residual, decoder_layer, hidden_size, layer_output
 from qscope_rl.loaders import load_sae
-from qscope_rl.probe import probe_scores
+from qscope_rl.probe import completion_probe_tail, probe_scores
 
 from .checkpoint import SAECheckpointMixin
 
@@ -73,6 +73,7 @@ class SAETrainerMixin(SAECheckpointMixin):
         self.repetition_probe = None
         if args.repetition_probe is not None:
             self.repetition_probe = FeatureClassifier.load(args.repetition_probe, sae=sae)
+            completion_probe_tail(self.repetition_probe)
         for func in self.reward_funcs:
             if getattr(func, "feature_pack", None) is not None:
                 func.feature_pack.check_compatible(sae, layer=self.sae_layer)
