@@ -7,11 +7,12 @@ Settings are fixed up front (chosen on the test-size world, reported here on the
 - steer: suppress the top 8 "zh" features (SASFT monolinguality pack) at -medium on English prompts;
   amplify the top 8 contrastive features of each topic at +strong on prompts of the other topics.
   Fluency cost: the unsteered model's perplexity on the samples. Throughput: the same generate call with
-  and without the steering hook, interleaved, best of 5 each.
+  and without the steering hook, 8 pairs in alternating order, the median of the pairs' ratios.
 - classify: macro-F1 on 400 held-out documents (8 topics) vs seeds per class, mean of 3 seed draws.
 - synthesize: the dataset is 64 English training documents; the domain is the features alive on 300
   held-out Chinese documents; targets = domain features the dataset never activates; prompts are the
-  English training prompts; 4 candidates per target at most; unguided sampling gets the same budget.
+  English training prompts; 4 candidates per target at most (16 beside it); unguided sampling gets the same
+  budget.
 - redundancy: six 4-topic benchmarks of 40 held-out documents per topic with known topic overlap; the Spearman
   is shown again over 10 other draws of the documents.
 The last line is one JSON object with the headline numbers.
@@ -20,6 +21,7 @@ The last line is one JSON object with the headline numbers.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 import statistics
@@ -47,6 +49,7 @@ from qscope_rl.world import World, load_world
 from qscope_rl.world.packs import world_packs
 
 TOP = 8
+THROUGHPUT_PAIRS = 8
 DRAWS = 10  # redundancy: extra draws of the benchmark documents, to show the spread of the Spearman
 CS_STRENGTH, TOPIC_STRENGTH = "-medium", "strong"
 
@@ -91,20 +94,26 @@ def bench_steer(world, sae, n_prompts: int, plots: Path | None) -> dict:
     print(f"mean share of samples moved to the target topic: {topic_success:.1%} (goal >= 70%); "
           f"perplexity {sum(ppl_before) / len(ppl_before):.1f} -> {sum(ppl_after) / len(ppl_after):.1f}")
 
-    # throughput: the same call with and without the hook, interleaved so that machine noise hits both
+    # throughput: the same call with and without the hook, in pairs run in alternating order (ABBA), so that
+    # the machine's drift hits both; the median of the pairs' ratios (a best-of picked whichever arm ran in a
+    # fast spell: 0.90 to 1.05 between runs)
     alphas = relative_strengths(zh, CS_STRENGTH, top=TOP)
-    plain, steered = [], []
-    for _ in range(5):
+
+    def timed(steered: bool) -> float:
         t0 = time.perf_counter()
-        generate(model, tok, texts, progress=False)
-        plain.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        with steer(model, sae, alphas):
+        with steer(model, sae, alphas) if steered else contextlib.nullcontext():
             generate(model, tok, texts, progress=False)
-        steered.append(time.perf_counter() - t0)
-    ratio = min(plain) / min(steered)
-    print(f"throughput: unsteered {min(plain):.2f}s, steered {min(steered):.2f}s for {len(texts)} x 48 tokens "
-          f"(best of 5): steered/unsteered = {ratio:.3f} (goal >= 0.95)")
+        return time.perf_counter() - t0
+
+    pairs = []
+    for r in range(THROUGHPUT_PAIRS):
+        order = (False, True) if r % 2 == 0 else (True, False)
+        times = {steered: timed(steered) for steered in order}
+        pairs.append((times[False], times[True]))
+    ratio = statistics.median(p / st for p, st in pairs)
+    print(f"throughput: unsteered {statistics.median(p for p, _ in pairs):.2f}s, steered "
+          f"{statistics.median(st for _, st in pairs):.2f}s (medians) for {len(texts)} x 48 tokens, {len(pairs)} "
+          f"ABBA pairs: steered/unsteered = {ratio:.3f} (median of the pairs' ratios; goal >= 0.95)")
     return {"steer_cs_reduction": reduction, "steer_topic_success": topic_success, "steer_throughput_ratio": ratio,
             "steer_cs_perplexity": [rows["unsteered"]["perplexity"], rows[CS_STRENGTH]["perplexity"]]}
 
@@ -139,9 +148,15 @@ def bench_synthesize(world, sae, plots: Path | None) -> dict:
     for name, r in (("feature-targeted", result), ("unguided", base)):
         print(f"{name:<18} {r.n_generated:>9} {len(r.rows):>5} {len(r.covered):>8} {r.coverage:>9.3f}")
     print(f"coverage {result.coverage:.1%} (goal >= 95%), per generated sample {efficiency:.2f}x unguided (goal >= 5x)")
+    # a larger budget: up to 16 attempts per target (each round aims at the targets not covered yet)
+    larger = synthesize(model, tok, sae, targets, prompts, reference=reference, strategy="both", per_target=16)
+    larger_base = unguided(model, tok, sae, targets, prompts, larger.n_generated)
+    print(f"with up to 16 attempts per target: {larger.coverage:.1%} covered in {larger.n_generated} samples, "
+          f"unguided {larger_base.coverage:.1%} at the same budget")
     if plots:
         plot_synthesis(result, base, str(plots / "synthesis_coverage.png"))
-    return {"synth_coverage": result.coverage, "synth_efficiency_vs_unguided": efficiency}
+    return {"synth_coverage": result.coverage, "synth_efficiency_vs_unguided": efficiency,
+            "synth_coverage_16_attempts": larger.coverage}
 
 
 def bench_redundancy(world, sae, plots: Path | None) -> dict:
