@@ -29,6 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from .plots import pyplot, save_figure
 from .sae import SparseAutoencoder
 from .text_features import encode_texts, sae_fingerprint
 
@@ -301,10 +302,7 @@ def _fit_predict(method, sae, train, train_texts, idx, labels, test, test_texts)
 
 def plot_curve(curve: dict[str, dict[int, float]], path: str | os.PathLike, title: str = "") -> Path:
     """Macro-F1 against seeds per class, one line per method, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for method, per_n in curve.items():
@@ -314,9 +312,4 @@ def plot_curve(curve: dict[str, dict[int, float]], path: str | os.PathLike, titl
     ax.set_xticks(list(next(iter(curve.values()))), labels=[str(n) for n in next(iter(curve.values()))])
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -13,6 +13,7 @@ import random
 
 from . import judges
 from .cli import read_records
+from .plots import pyplot, save_figure
 
 
 def register(subparsers) -> None:
@@ -248,10 +249,7 @@ def _steer(args) -> int:
 
 
 def _plot_sweep(results: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     labels = list(results)
     metrics = [m for m in ("code_switch_rate", "topic_share") if m in results[labels[0]]["metrics"]]
@@ -263,9 +261,7 @@ def _plot_sweep(results: dict, path: str) -> None:
     twin.plot(labels, [results[x]["metrics"]["perplexity"] for x in labels], "k--", marker="s", label="perplexity")
     twin.set_ylabel("unsteered perplexity")
     fig.legend(loc="upper center", ncol=3, fontsize=8)
-    fig.tight_layout(rect=(0, 0, 1, 0.9))
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, rect=(0, 0, 1, 0.9))
 
 
 # -- classify -----------------------------------------------------------------------------------------
@@ -470,10 +466,7 @@ def _synthesize(args) -> int:
 
 def plot_synthesis(result, base, path: str) -> None:
     """Bar chart: share of target features covered, guided vs unguided, with the budget in the labels."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     bars = {f"feature-targeted\n({result.n_generated} samples)": result.coverage}
     if base is not None:
@@ -483,9 +476,7 @@ def plot_synthesis(result, base, path: str) -> None:
     for i, v in enumerate(bars.values()):
         ax.text(i, v + 0.02, f"{v:.0%}", ha="center")
     ax.set(ylim=(0, 1.1), ylabel=f"share of {len(result.targets)} target features covered")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # -- redundancy ---------------------------------------------------------------------------------------

@@ -6,6 +6,8 @@ import json
 import math
 from pathlib import Path
 
+from .plots import pyplot, save_figure
+
 MEASURES = ("code_switch_rate", "loop_rate", "task_reward")
 
 
@@ -97,10 +99,7 @@ def _cell(stat: dict) -> str:
 
 def plot_curves(result: dict, path: Path, smooth: int = 5) -> None:
     """Judged rates of each step's rollouts, per arm: mean over seeds, shaded min-max, moving average."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import numpy as np
 
     fig, axes = plt.subplots(1, len(MEASURES), figsize=(4.2 * len(MEASURES), 3.4))
@@ -118,15 +117,12 @@ def plot_curves(result: dict, path: Path, smooth: int = 5) -> None:
         ax.set(title=measure.replace("_", " ") + " of rollouts", xlabel="GRPO step")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_final(result: dict, path: Path) -> None:
     """Held-out rates after training per arm: bars = mean over seeds, dots = seeds."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     names = ["untrained", *[f"({a})" for a in result["arms"]]]
     rows = [result["untrained"], *result["arms"].values()]
@@ -138,7 +134,7 @@ def plot_final(result: dict, path: Path) -> None:
         ax.set(title=measure.replace("_", " ") + " (held-out)")
         ax.tick_params(axis="x", labelsize=8)
         ax.grid(alpha=0.3, axis="y")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def _moving_average(values, window: int):
@@ -149,15 +145,6 @@ def _moving_average(values, window: int):
     kernel = np.ones(window) / window
     padded = np.concatenate([np.full(window - 1, values[0]), values])
     return np.convolve(padded, kernel, mode="valid")
-
-
-def _save(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def write_report(result: dict, out_dir: str | Path) -> dict[str, Path]:

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .plots import pyplot, save_figure
 from .sae import SparseAutoencoder
 from .text_features import encode_texts
 
@@ -96,10 +97,7 @@ class RedundancyReport:
 
     def plot(self, path: str | os.PathLike, title: str = "overlap(row -> column)") -> Path:
         """Heatmap PNG of the overlap matrix, values written in the cells."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
 
         size = 1.2 + 0.6 * len(self.names)
         fig, ax = plt.subplots(figsize=(size + 1.2, size))
@@ -112,12 +110,7 @@ class RedundancyReport:
                 ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="white" if v < 0.6 else "black")
         fig.colorbar(image, ax=ax, fraction=0.046)
         ax.set_title(title)
-        fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        return path
+        return save_figure(fig, path)
 
 
 def compare_footprints(benchmarks: Mapping[str, Sequence[frozenset[int]]]) -> RedundancyReport:
