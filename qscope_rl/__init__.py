@@ -7,6 +7,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from .hooks import (  # noqa: E402
+    ForwardToLayer,
     ResidualCapture,
     ResidualEdit,
     add_to_residual,
@@ -24,6 +25,7 @@ from .steering import steer  # noqa: E402
 __version__ = "0.1.0"
 
 __all__ = [
+    "ForwardToLayer",
     "QWEN_SCOPE_RELEASES",
     "Release",
     "ResidualCapture",

@@ -26,21 +26,13 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .feature_pack import Feature, FeaturePack, texts_sha256
-from .hooks import capture_residual, decoder_layer
+from .hooks import ForwardToLayer
 from .sae import SparseActs, SparseAutoencoder
 
 RANK_BY = ("p_fire", "mean_diff")
 
 
 # -- running the model ------------------------------------------------------------------------------
-
-
-class _StopForward(Exception):
-    """Raised by a hook once the SAE's layer has run: the rest of the model is not needed."""
-
-
-def _raise_stop(module, args, output):
-    raise _StopForward
 
 
 @dataclass
@@ -58,26 +50,18 @@ def _encode_sequences(model: nn.Module, sae: SparseAutoencoder, layer: int, sequ
                       batch_size: int, pad_id: int, desc: str) -> Iterator[_TokenBatch]:
     """Forward right-padded batches of token ids up to ``layer`` and sparse-encode every real token."""
     device = next(model.parameters()).device
-    with capture_residual(model, layer) as capture:
-        # registered after the capture hook, so it runs second: capture, then skip the later layers
-        stop = decoder_layer(model, layer).register_forward_hook(_raise_stop)
-        try:
-            for start in tqdm(range(0, len(sequences), batch_size), desc=desc, leave=False):
-                batch = sequences[start:start + batch_size]
-                lengths = torch.tensor([len(s) for s in batch])
-                mask = torch.arange(int(lengths.max())) < lengths[:, None]  # (B, T), right padding
-                input_ids = torch.full(mask.shape, pad_id, dtype=torch.long)
-                input_ids[mask] = torch.tensor([t for s in batch for t in s], dtype=torch.long)
-                capture.clear()
-                try:
-                    model(input_ids=input_ids.to(device), attention_mask=mask.long().to(device), use_cache=False)
-                except _StopForward:
-                    pass
-                hidden = capture.last[mask.to(device)].to(sae.W_enc.device)  # (N, d_in)
-                row, pos = mask.nonzero(as_tuple=True)
-                yield _TokenBatch(sae.encode_sparse(hidden), hidden, row + start, pos)
-        finally:
-            stop.remove()
+    with ForwardToLayer(model, layer) as forward:
+        for start in tqdm(range(0, len(sequences), batch_size), desc=desc, leave=False):
+            batch = sequences[start:start + batch_size]
+            lengths = torch.tensor([len(s) for s in batch])
+            mask = torch.arange(int(lengths.max())) < lengths[:, None]  # (B, T), right padding
+            input_ids = torch.full(mask.shape, pad_id, dtype=torch.long)
+            input_ids[mask] = torch.tensor([t for s in batch for t in s], dtype=torch.long)
+            residual = forward.run(input_ids=input_ids.to(device), attention_mask=mask.long().to(device),
+                                   use_cache=False)
+            hidden = residual[mask.to(device)].to(sae.W_enc.device)  # (N, d_in)
+            row, pos = mask.nonzero(as_tuple=True)
+            yield _TokenBatch(sae.encode_sparse(hidden), hidden, row + start, pos)
 
 
 def _tokenize(tokenizer, texts: Sequence[str], max_length: int) -> list[list[int]]:

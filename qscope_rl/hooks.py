@@ -155,6 +155,44 @@ class ResidualCapture(_LayerHook):
         self.chunks.clear()
 
 
+class _StopForward(Exception):
+    """Raised right after the wanted decoder layer has run: the layers after it are not needed."""
+
+
+def _raise_stop_forward(module, args, output):
+    raise _StopForward
+
+
+class ForwardToLayer(ResidualCapture):
+    """Runs the model only up to decoder layer ``layer``: ``run(**inputs)`` returns the residual at its output,
+    (B, T, d), and the later layers never run (discovery, feature statistics and early-exit rollout encoding
+    need nothing past the SAE's layer). Both hooks are removed when the ``with`` block exits."""
+
+    def __init__(self, model: nn.Module, layer: int):
+        super().__init__(model, layer)
+        self.model = model
+        self._stop = None
+
+    def _install(self):
+        handle = super()._install()
+        self._stop = self.module.register_forward_hook(_raise_stop_forward)  # after the capture: it runs second
+        return handle
+
+    def remove(self) -> None:
+        if self._stop is not None:
+            self._stop.remove()
+            self._stop = None
+        super().remove()
+
+    def run(self, **inputs) -> Tensor:
+        self.clear()
+        try:
+            self.model(**inputs)
+        except _StopForward:
+            pass
+        return self.last
+
+
 def capture_residual(model: nn.Module, layer: int, **kwargs) -> ResidualCapture:
     """Context manager capturing the residual stream at the output of ``layer``; see ResidualCapture."""
     return ResidualCapture(model, layer, **kwargs)

@@ -24,9 +24,9 @@ from torch import Tensor, nn
 
 from .classify import FeatureClassifier
 from .detection import CompletionActivations, encode_completions
-from .hooks import capture_residual, decoder_layer
+from .hooks import ForwardToLayer
 from .sae import SparseAutoencoder
-from .text_features import _raise_stop, _StopForward, check_texts, sae_layer
+from .text_features import check_texts, sae_layer
 
 POSITIVE, NEGATIVE = "positive", "negative"
 
@@ -53,21 +53,13 @@ def _text_activations(model: nn.Module, tokenizer, sae: SparseAutoencoder, texts
     """Sparse activations of every token of ``texts``, a right-padded batch at a time (the forward stops at L)."""
     layer = sae_layer(sae, None)
     device = next(model.parameters()).device
-    with torch.no_grad(), capture_residual(model, layer) as capture:
-        stop = decoder_layer(model, layer).register_forward_hook(_raise_stop)  # runs after the capture hook
-        try:
-            for start in range(0, len(texts), batch_size):
-                enc = tokenizer(list(texts[start:start + batch_size]), return_tensors="pt", padding=True,
-                                padding_side="right", truncation=True, max_length=max_length)
-                capture.clear()
-                try:
-                    model(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device),
-                          use_cache=False)
-                except _StopForward:
-                    pass
-                yield encode_completions(sae, capture.last, enc["attention_mask"].bool(), prompt_length=0)
-        finally:
-            stop.remove()
+    with torch.no_grad(), ForwardToLayer(model, layer) as forward:
+        for start in range(0, len(texts), batch_size):
+            enc = tokenizer(list(texts[start:start + batch_size]), return_tensors="pt", padding=True,
+                            padding_side="right", truncation=True, max_length=max_length)
+            residual = forward.run(input_ids=enc["input_ids"].to(device),
+                                   attention_mask=enc["attention_mask"].to(device), use_cache=False)
+            yield encode_completions(sae, residual, enc["attention_mask"].bool(), prompt_length=0)
 
 
 def fit_completion_probe(model: nn.Module, tokenizer, sae: SparseAutoencoder, positive: Sequence[str],

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .hooks import capture_residual, decoder_layer
+from .hooks import ForwardToLayer
 from .sae import SparseActs, SparseAutoencoder
 
 
@@ -40,14 +40,6 @@ class TextFeatures(NamedTuple):
     def last_footprints(self) -> list[set[int]]:
         """Per text, the set of features active (> 0) at its last token."""
         return [set(i[v > 0].tolist()) for v, i in zip(self.last.values, self.last.indices)]
-
-
-class _StopForward(Exception):
-    """Raised after the SAE's layer: the later layers are not needed."""
-
-
-def _raise_stop(module, args, output):
-    raise _StopForward
 
 
 def sae_layer(sae: SparseAutoencoder, layer: int | None) -> int:
@@ -91,39 +83,31 @@ def encode_texts(model: nn.Module, tokenizer, sae: SparseAutoencoder, texts: Seq
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     device = next(model.parameters()).device
     max_acts, last_v, last_i, means = [], [], [], []
-    with capture_residual(model, layer) as capture:
-        # registered after the capture hook, so it runs second: capture, then skip the later layers
-        stop = decoder_layer(model, layer).register_forward_hook(_raise_stop)
-        try:
-            for start in tqdm(range(0, len(ids), batch_size), desc=desc, leave=False, disable=not progress):
-                batch = ids[start:start + batch_size]
-                lengths = torch.tensor([len(s) for s in batch])
-                mask = torch.arange(int(lengths.max())) < lengths[:, None]  # (B, T), right padding
-                input_ids = torch.full(mask.shape, int(pad), dtype=torch.long)
-                input_ids[mask] = torch.tensor([t for s in batch for t in s])
-                capture.clear()
-                try:
-                    model(input_ids=input_ids.to(device), attention_mask=mask.long().to(device), use_cache=False)
-                except _StopForward:
-                    pass
-                hidden = capture.last.to(sae.W_enc.device, sae.W_enc.dtype)  # (B, T, d_in)
-                acts = sae.encode_sparse(hidden[mask.to(hidden.device)])  # (N, k) real tokens only
-                row, pos = (x.to(hidden.device) for x in mask.nonzero(as_tuple=True))  # (N,) text and position
-                skip = torch.zeros(len(batch), dtype=torch.long) if skip_tokens is None else \
-                    torch.tensor(list(skip_tokens[start:start + len(batch)])).clamp(max=lengths - 1)
-                pooled_mask = mask & (torch.arange(mask.shape[1]) >= skip[:, None])  # (B, T) tokens that count
-                keep = (pos >= skip.to(hidden.device)[row]).unsqueeze(-1)
-                pooled = torch.zeros(len(batch), sae.d_sae, device=hidden.device, dtype=acts.values.dtype)
-                flat = (row[:, None] * sae.d_sae + acts.indices).flatten()
-                pooled.view(-1).scatter_reduce_(0, flat, (acts.values * keep).flatten(), reduce="amax")
-                max_acts.append(pooled.cpu())
-                end = (torch.cumsum(lengths, 0) - 1).to(hidden.device)  # last real token of each text
-                last_v.append(acts.values[end].cpu())
-                last_i.append(acts.indices[end].cpu())
-                m = pooled_mask.to(hidden.device).unsqueeze(-1)
-                means.append(((hidden * m).sum(1) / m.sum(1)).cpu())
-        finally:
-            stop.remove()
+    with ForwardToLayer(model, layer) as forward:
+        for start in tqdm(range(0, len(ids), batch_size), desc=desc, leave=False, disable=not progress):
+            batch = ids[start:start + batch_size]
+            lengths = torch.tensor([len(s) for s in batch])
+            mask = torch.arange(int(lengths.max())) < lengths[:, None]  # (B, T), right padding
+            input_ids = torch.full(mask.shape, int(pad), dtype=torch.long)
+            input_ids[mask] = torch.tensor([t for s in batch for t in s])
+            residual = forward.run(input_ids=input_ids.to(device), attention_mask=mask.long().to(device),
+                                   use_cache=False)
+            hidden = residual.to(sae.W_enc.device, sae.W_enc.dtype)  # (B, T, d_in)
+            acts = sae.encode_sparse(hidden[mask.to(hidden.device)])  # (N, k) real tokens only
+            row, pos = (x.to(hidden.device) for x in mask.nonzero(as_tuple=True))  # (N,) text and position
+            skip = torch.zeros(len(batch), dtype=torch.long) if skip_tokens is None else \
+                torch.tensor(list(skip_tokens[start:start + len(batch)])).clamp(max=lengths - 1)
+            pooled_mask = mask & (torch.arange(mask.shape[1]) >= skip[:, None])  # (B, T) tokens that count
+            keep = (pos >= skip.to(hidden.device)[row]).unsqueeze(-1)
+            pooled = torch.zeros(len(batch), sae.d_sae, device=hidden.device, dtype=acts.values.dtype)
+            flat = (row[:, None] * sae.d_sae + acts.indices).flatten()
+            pooled.view(-1).scatter_reduce_(0, flat, (acts.values * keep).flatten(), reduce="amax")
+            max_acts.append(pooled.cpu())
+            end = (torch.cumsum(lengths, 0) - 1).to(hidden.device)  # last real token of each text
+            last_v.append(acts.values[end].cpu())
+            last_i.append(acts.indices[end].cpu())
+            m = pooled_mask.to(hidden.device).unsqueeze(-1)
+            means.append(((hidden * m).sum(1) / m.sum(1)).cpu())
     return TextFeatures(torch.cat(max_acts), SparseActs(torch.cat(last_v), torch.cat(last_i)),
                         torch.cat(means), torch.tensor([len(x) for x in ids]))
 

@@ -6,6 +6,7 @@ from tiny_models import FAMILIES, HIDDEN, VOCAB, tiny_model
 from torch.testing import assert_close
 
 from qscope_rl import (
+    ForwardToLayer,
     SparseAutoencoder,
     add_to_residual,
     capture_residual,
@@ -33,6 +34,27 @@ def test_capture_equals_hidden_states(family):
         assert cap.last.shape == (2, 6, HIDDEN)
         assert_close(cap.last, out.hidden_states[layer + 1])
     assert forward_hook_count(model) == hooks_before
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_forward_to_layer_stops_after_it(family):
+    model = tiny_model(family)
+    ids = torch.randint(0, VOCAB, (2, 6))
+    with torch.no_grad():
+        full = model(input_ids=ids, output_hidden_states=True).hidden_states
+    hooks_before = forward_hook_count(model)
+    ran = []
+    last = decoder_layer(model, 2).register_forward_hook(lambda *_: ran.append(True))
+    try:
+        with torch.no_grad(), ForwardToLayer(model, 1) as forward:
+            assert_close(forward.run(input_ids=ids), full[2])
+            assert_close(forward.run(input_ids=ids[:1]), full[2][:1])  # each run returns its own residual
+        assert not ran  # the layers after layer 1 never ran
+        with pytest.raises(RuntimeError, match="boom"), ForwardToLayer(model, 1):
+            raise RuntimeError("boom")
+    finally:
+        last.remove()
+    assert forward_hook_count(model) == hooks_before  # both of its hooks are gone, exceptions included
 
 
 def test_capture_through_peft_and_ddp():

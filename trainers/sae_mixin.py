@@ -28,15 +28,11 @@ from qscope_rl.aux_loss import FeatureAuxLoss
 from qscope_rl.classify import FeatureClassifier
 from qscope_rl.detection import code_switch_scores, encode_completions, repetition_scores
 from qscope_rl.feature_pack import FeaturePack
-from qscope_rl.hooks import add_to_residual, capture_residual, decoder_layer, hidden_size, layer_output
+from qscope_rl.hooks import ForwardToLayer, add_to_residual, capture_residual, decoder_layer, hidden_size
 from qscope_rl.loaders import load_sae
 from qscope_rl.probe import completion_probe_tail, probe_scores
 
 from .checkpoint import SAECheckpointMixin
-
-
-class _StopForward(Exception):
-    """Raised by a hook to end a forward pass once the SAE layer has run."""
 
 
 class SAETrainerMixin(SAECheckpointMixin):
@@ -196,25 +192,12 @@ class SAETrainerMixin(SAECheckpointMixin):
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         chunk = max(self.args.per_device_train_batch_size, 1)
         outputs = []
-        layer = decoder_layer(self.model_wrapped, self.sae_layer)
-        store = []
-
-        def stop_after_layer(module, args, output):
-            store.append(layer_output(output))
-            raise _StopForward
-
-        handle = layer.register_forward_hook(stop_after_layer)
-        try:
+        with ForwardToLayer(self.model_wrapped, self.sae_layer) as forward:
             for start in range(0, len(rows), chunk):
                 sl = slice(start, start + chunk)
-                try:
-                    self.model_wrapped(input_ids=input_ids[sl], attention_mask=attention_mask[sl],
+                residual = forward.run(input_ids=input_ids[sl], attention_mask=attention_mask[sl],
                                        position_ids=position_ids[sl], use_cache=False)
-                except _StopForward:
-                    pass
-                outputs.append(store.pop()[:, prompt_len:])
-        finally:
-            handle.remove()
+                outputs.append(residual[:, prompt_len:])
         return torch.cat(outputs) if outputs else torch.zeros(0, width, hidden_size(self.model), device=device)
 
     # -- rewards and metrics --------------------------------------------------------------------------
