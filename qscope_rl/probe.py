@@ -71,6 +71,8 @@ def fit_completion_probe(model: nn.Module, tokenizer, sae: SparseAutoencoder, po
     is pooled, so that ``probe_scores`` can refuse activations pooled another way.
     """
     positive, negative = check_texts(positive, "positive texts"), check_texts(negative, "negative texts")
+    if last < 1:  # before encoding anything
+        raise ValueError(f"last must be >= 1 token, got {last}")
     texts = positive + negative
     pooled = torch.cat([tail_mean_activations(acts, last).cpu()
                         for acts in _text_activations(model, tokenizer, sae, texts, batch_size, max_length)])

@@ -77,6 +77,8 @@ def test_probe_separates_looping_documents_and_round_trips(world, tmp_path):
         probe_scores(other, probe)
     with pytest.raises(ValueError, match="positive texts is empty"):
         fit_completion_probe(world.model, world.tokenizer, sae, [], clean[:4])
+    with pytest.raises(ValueError, match="last must be >= 1"):
+        fit_completion_probe(world.model, world.tokenizer, sae, looping[:2], clean[:2], last=0)
 
 
 @pytest.mark.slow
