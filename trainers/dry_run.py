@@ -161,14 +161,19 @@ def _packs(recipe: Recipe, sae: dict | None) -> tuple[dict, list[dict]]:
             pack = FeaturePack.load(path)
         except ValueError as err:
             raise RecipeError(f"{where}={path!r}: {err}") from err
-        if layer is not None and pack.layer != layer:
-            raise RecipeError(f"{where}={path!r} was found on layer {pack.layer}, but sae_layer={layer}")
-        if sae is not None and sae.get("d_sae") not in (None, pack.d_sae):
-            raise RecipeError(f"{where}={path!r} is from an SAE with d_sae={pack.d_sae}, but {sae['repo_id']} has "
-                              f"d_sae={sae['d_sae']}")
+        _check_fits_sae(where, path, "was found on", pack.layer, pack.d_sae, layer, sae)
         packs[where] = {"path": path, "name": pack.name, "features": len(pack), "layer": pack.layer,
                         "sae_source": pack.sae_source}
     return packs, list(missing.values())
+
+
+def _check_fits_sae(where: str, path: str, verb: str, file_layer, file_d_sae, layer, sae: dict | None) -> None:
+    """A pack or probe file made for another layer or another SAE width is a `RecipeError` naming the field."""
+    if layer is not None and file_layer not in (None, layer):
+        raise RecipeError(f"{where}={path!r} {verb} layer {file_layer}, but sae_layer={layer}")
+    if sae is not None and sae.get("d_sae") not in (None, file_d_sae):
+        raise RecipeError(f"{where}={path!r} {verb} an SAE with d_sae={file_d_sae}, but {sae['repo_id']} has "
+                          f"d_sae={sae['d_sae']}")
 
 
 def _probes(recipe: Recipe, sae: dict | None) -> tuple[dict, list[dict]]:
@@ -190,12 +195,8 @@ def _probes(recipe: Recipe, sae: dict | None) -> tuple[dict, list[dict]]:
             probe = FeatureClassifier.load(path)
         except ValueError as err:
             raise RecipeError(f"{where}={path!r}: {err}") from err
-        layer = getattr(config, "sae_layer", None)
-        if layer is not None and probe.sae.get("layer") not in (None, layer):
-            raise RecipeError(f"{where}={path!r} was fitted on layer {probe.sae['layer']}, but sae_layer={layer}")
-        if sae is not None and sae.get("d_sae") not in (None, probe.sae.get("d_sae")):
-            raise RecipeError(f"{where}={path!r} was fitted on an SAE with d_sae={probe.sae.get('d_sae')}, but "
-                              f"{sae['repo_id']} has d_sae={sae['d_sae']}")
+        _check_fits_sae(where, path, "was fitted on", probe.sae.get("layer"), probe.sae.get("d_sae"),
+                        getattr(config, "sae_layer", None), sae)
         probes[where] = {"path": path, "features": probe.features, "classes": probe.classes,
                          "layer": probe.sae.get("layer"), "sae_source": probe.sae.get("source")}
     return probes, missing
