@@ -41,8 +41,8 @@ from qscope_rl.cli_utilities import (
     world_classify_curve,
     world_topic_pack,
 )
-from qscope_rl.loaders import load_sae
 from qscope_rl.redundancy import compare_benchmarks
+from qscope_rl.sae.loaders import load_sae
 from qscope_rl.steered_generation import generate, relative_strengths, steer
 from qscope_rl.synthesize import feature_coverage, synthesize, target_features, unguided
 from qscope_rl.world import World, load_world

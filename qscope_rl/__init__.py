@@ -6,6 +6,10 @@ import os
 # other down by orders of magnitude. Only effective before torch is first imported; a user's setting wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from . import _moved  # noqa: E402
+
+_moved.install()  # old flat module paths (qscope_rl.detection, ...) keep importing
+
 from .hooks import (  # noqa: E402
     ForwardToLayer,
     ResidualCapture,
@@ -17,9 +21,7 @@ from .hooks import (  # noqa: E402
     hidden_size,
     unwrap_model,
 )
-from .loaders import SAELoadError, load_sae  # noqa: E402
-from .releases import QWEN_SCOPE_RELEASES, Release, find_release  # noqa: E402
-from .sae import SparseActs, SparseAutoencoder  # noqa: E402
+from .sae import QWEN_SCOPE_RELEASES, Release, SAELoadError, SparseActs, SparseAutoencoder, find_release, load_sae  # noqa: E402
 from .steering import steer  # noqa: E402
 
 __version__ = "0.1.0"

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .hooks import capture_residual
-from .sae import SparseAutoencoder
+from .sae.autoencoder import SparseAutoencoder
 
 
 class FeatureAuxLoss:

@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from .plots import pyplot, save_figure
-from .sae import SparseAutoencoder
+from .sae.autoencoder import SparseAutoencoder
 from .text_features import encode_texts, sae_fingerprint
 
 FORMAT = "qscope-rl/classifier"

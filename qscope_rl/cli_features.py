@@ -121,7 +121,7 @@ def _file_texts(args) -> dict:
 
 def _load(args):
     """(model, tokenizer, sae, texts kwargs, model name)."""
-    from .loaders import load_sae
+    from .sae.loaders import load_sae
 
     if args.model is None:
         from .world import load_world

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from .loaders import load_sae
-from .releases import QWEN_SCOPE_RELEASES
+from .sae.loaders import load_sae
+from .sae.releases import QWEN_SCOPE_RELEASES
 
 
 def register(subparsers) -> None:

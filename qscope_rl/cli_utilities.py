@@ -39,7 +39,7 @@ class _Loaded:
     """model, tokenizer, sae and (demo only) the world."""
 
     def __init__(self, args):
-        from .loaders import load_sae
+        from .sae.loaders import load_sae
 
         if args.model is None:
             from .world import load_world

@@ -170,7 +170,7 @@ def sae_penalty_calibration(world, packs: dict) -> dict:
     from .detection import calibrate_threshold, code_switch_scores, encode_completions
     from .feature_pack import FeaturePack
     from .hooks import capture_residual
-    from .loaders import load_sae
+    from .sae.loaders import load_sae
 
     sae, pack = load_sae(world.sae_dir, layer=world.layer), FeaturePack.load(packs["zh"])
     english = [d for d in world.documents("train") if d.lang == "en" and d.loop_char is None]

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .feature_pack import FeaturePack, FeaturePackError
-from .sae import DEFAULT_CHUNK_TOKENS, SparseActs, SparseAutoencoder
+from .sae.autoencoder import DEFAULT_CHUNK_TOKENS, SparseActs, SparseAutoencoder
 
 REDUCTIONS = ("max", "share", "mean")
 

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from .feature_pack import Feature, FeaturePack, texts_sha256
 from .hooks import ForwardToLayer
-from .sae import SparseActs, SparseAutoencoder
+from .sae.autoencoder import SparseActs, SparseAutoencoder
 
 RANK_BY = ("p_fire", "mean_diff")
 

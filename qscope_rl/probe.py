@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from .classify import FeatureClassifier
 from .detection import CompletionActivations, encode_completions
 from .hooks import ForwardToLayer
-from .sae import SparseAutoencoder
+from .sae.autoencoder import SparseAutoencoder
 from .text_features import check_texts, sae_layer
 
 POSITIVE, NEGATIVE = "positive", "negative"

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .plots import pyplot, save_figure
-from .sae import SparseAutoencoder
+from .sae.autoencoder import SparseAutoencoder
 from .text_features import encode_texts
 
 

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .hooks import ResidualEdit, hidden_size
-from .sae import SparseAutoencoder
+from .sae.autoencoder import SparseAutoencoder
 
 MODES = ("add", "clamp")
 

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from .feature_pack import FeaturePack
 from .hooks import ResidualEdit, capture_residual
-from .sae import SparseAutoencoder
+from .sae.autoencoder import SparseAutoencoder
 from .steered_generation import generate
 from .text_features import check_texts, encode_texts, sae_layer
 

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .hooks import ForwardToLayer
-from .sae import SparseActs, SparseAutoencoder
+from .sae.autoencoder import SparseActs, SparseAutoencoder
 
 
 class TextFeatures(NamedTuple):

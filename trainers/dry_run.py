@@ -16,9 +16,9 @@ from pathlib import Path
 
 from qscope_rl.classify import FeatureClassifier
 from qscope_rl.feature_pack import FeaturePack
-from qscope_rl.loaders import SAELoadError, resolve_hub_sae, sae_source_kind
-from qscope_rl.releases import find_release
 from qscope_rl.rewards import resolve_reward_func
+from qscope_rl.sae.loaders import SAELoadError, resolve_hub_sae, sae_source_kind
+from qscope_rl.sae.releases import find_release
 
 from .recipe import Recipe, RecipeError
 from .run_args import RL_TRAINERS, resolve_callback, takes_trainer

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from qscope_rl.aux_loss import FeatureAuxLoss
 from qscope_rl.feature_pack import FeaturePack
 from qscope_rl.hooks import capture_residual, decoder_layer, hidden_size
-from qscope_rl.sae import SparseAutoencoder
+from qscope_rl.sae.autoencoder import SparseAutoencoder
 
 
 class SAELossHelper:

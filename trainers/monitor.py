@@ -23,8 +23,8 @@ from trl.models import unwrap_model_for_generation
 from qscope_rl.detection import code_switch_scores, encode_completions, repetition_scores
 from qscope_rl.feature_pack import FeaturePack
 from qscope_rl.hooks import capture_residual, hidden_size
-from qscope_rl.loaders import load_sae
-from qscope_rl.sae import SparseAutoencoder
+from qscope_rl.sae.autoencoder import SparseAutoencoder
+from qscope_rl.sae.loaders import load_sae
 from qscope_rl.steered_generation import sampling_kwargs
 
 ON_LIMIT = ("warn", "stop")

@@ -29,8 +29,8 @@ from qscope_rl.classify import FeatureClassifier
 from qscope_rl.detection import code_switch_scores, encode_completions, repetition_scores
 from qscope_rl.feature_pack import FeaturePack
 from qscope_rl.hooks import ForwardToLayer, add_to_residual, capture_residual, decoder_layer, hidden_size
-from qscope_rl.loaders import load_sae
 from qscope_rl.probe import completion_probe_tail, probe_scores
+from qscope_rl.sae.loaders import load_sae
 
 from .checkpoint import SAECheckpointMixin
 

@@ -29,7 +29,7 @@ from trl import SFTTrainer
 from qscope_rl.aux_loss import FeatureAuxLoss
 from qscope_rl.feature_pack import FeaturePack
 from qscope_rl.hooks import capture_residual, decoder_layer, hidden_size
-from qscope_rl.loaders import load_sae
+from qscope_rl.sae.loaders import load_sae
 
 from .checkpoint import SAECheckpointMixin
 from .config import SASFTConfig

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from qscope_rl.sae.loaders import load_sae
+
 from ..discovery import discover_contrastive_features, discover_language_features, discover_repetition_features
 from ..feature_pack import FeaturePack
-from ..loaders import load_sae
 from .world import World
 
 PACK_NAMES = ("en", "zh", "repetition", "loop")

@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from .autoencoder import SparseAutoencoder
 from .releases import Release, find_release, parse_repo_name, release_for_repo
-from .sae import SparseAutoencoder
 
 _LAYER_FILE = re.compile(r"layer(\d+)\.sae\.pt$")
 _HOOK_LAYER = re.compile(r"(?:layers|blocks|h)\.(\d+)")

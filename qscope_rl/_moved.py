@@ -1,0 +1,45 @@
+"""Old module paths from before the wings (0.1.0's flat layout), kept importable.
+
+`import qscope_rl.detection` still works and yields `qscope_rl.features.detection` itself (the same module
+object, so monkeypatching either name patches both), with a DeprecationWarning naming the new path. The
+README's changelog lists the same table.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.abc
+import importlib.util
+import sys
+import warnings
+
+MOVED_MODULES: dict[str, str] = {
+    "qscope_rl.loaders": "qscope_rl.sae.loaders",
+    "qscope_rl.releases": "qscope_rl.sae.releases",
+}
+
+
+class _MovedModuleLoader(importlib.abc.Loader):
+    def __init__(self, new_name: str):
+        self.new_name = new_name
+
+    def create_module(self, spec):
+        warnings.warn(f"{spec.name} moved to {self.new_name}; import it from there", DeprecationWarning,
+                      stacklevel=3)
+        return importlib.import_module(self.new_name)
+
+    def exec_module(self, module) -> None:
+        pass  # the module under its new name is already executed
+
+
+class _MovedModuleFinder(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        new_name = MOVED_MODULES.get(name)
+        if new_name is None:
+            return None
+        return importlib.util.spec_from_loader(name, _MovedModuleLoader(new_name))
+
+
+def install() -> None:
+    if not any(isinstance(f, _MovedModuleFinder) for f in sys.meta_path):
+        sys.meta_path.insert(0, _MovedModuleFinder())
