@@ -38,11 +38,11 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from qscope_rl import SparseAutoencoder, capture_residual, load_sae
-from qscope_rl.classify import sae_info
-from qscope_rl.detection import calibrate_threshold, code_switch_scores, encode_completions, repetition_scores
-from qscope_rl.discovery import discover_language_features, discover_repetition_features
+from qscope_rl.features.classifier import sae_info
+from qscope_rl.features.detection import calibrate_threshold, code_switch_scores, encode_completions, repetition_scores
+from qscope_rl.features.discovery import discover_language_features, discover_repetition_features
+from qscope_rl.features.probe import fit_completion_probe, probe_scores
 from qscope_rl.judges import first_switch_offset, has_loop, lingua_foreign_share, ngram_repeat_ratio
-from qscope_rl.probe import fit_completion_probe, probe_scores
 from qscope_rl.steered_generation import sampling_kwargs
 from qscope_rl.world import World, load_world
 

@@ -16,6 +16,12 @@ import warnings
 MOVED_MODULES: dict[str, str] = {
     "qscope_rl.loaders": "qscope_rl.sae.loaders",
     "qscope_rl.releases": "qscope_rl.sae.releases",
+    "qscope_rl.aux_loss": "qscope_rl.features.aux_loss",
+    "qscope_rl.detection": "qscope_rl.features.detection",
+    "qscope_rl.discovery": "qscope_rl.features.discovery",
+    "qscope_rl.feature_pack": "qscope_rl.features.feature_pack",
+    "qscope_rl.probe": "qscope_rl.features.probe",
+    "qscope_rl.text_features": "qscope_rl.features.text_features",
 }
 
 

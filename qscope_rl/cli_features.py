@@ -144,7 +144,7 @@ def _load(args):
 
 def _discover(args) -> int:
     from .cli import print_json
-    from .discovery import (
+    from .features.discovery import (
         discover_contrastive_features,
         discover_language_features,
         discover_repetition_features,
@@ -183,7 +183,7 @@ def _probe(args) -> int:
     from sklearn.metrics import roc_auc_score
 
     from .cli import print_json
-    from .probe import fit_completion_probe, score_texts
+    from .features.probe import fit_completion_probe, score_texts
 
     if not 0.0 < args.holdout < 1.0:
         raise SystemExit(f"error: --holdout must be in (0, 1), got {args.holdout}")

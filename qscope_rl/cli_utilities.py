@@ -80,7 +80,7 @@ def clean_documents(world, split: str = "train"):
 
 def world_topic_pack(world, sae, topic: str, n_texts: int = 300, top_k: int = 16, seed: int = 0):
     """Contrastive features of ``topic`` (its clean training documents vs the other topics')."""
-    from .discovery import discover_contrastive_features
+    from .features.discovery import discover_contrastive_features
 
     docs, rng = clean_documents(world), random.Random(seed)
     pos = [d.text for d in docs if d.topic == topic]
@@ -152,7 +152,7 @@ def _positions(text: str | None):
 
 
 def _load_pack(loaded, name: str, seed: int):
-    from .feature_pack import FeaturePack
+    from .features.feature_pack import FeaturePack
 
     if loaded.world is not None and name in ("zh", "en", "repetition"):
         from .world.packs import world_packs
@@ -362,7 +362,7 @@ def _classify_eval(args, loaded) -> int:
 def world_classify_curve(world, sae, seeds, repeats: int = 3, n_test: int = 400, seed: int = 0):
     """Macro-F1 vs seeds per class on the world's topics: (curve, train pool size, test size)."""
     from .classify import few_shot_curve
-    from .text_features import encode_texts
+    from .features.text_features import encode_texts
 
     rng = random.Random(seed)
     train_docs = world.documents("train")
@@ -409,7 +409,7 @@ def _register_synthesize(subparsers) -> None:
 
 def _synthesize(args) -> int:
     from .cli import print_json
-    from .feature_pack import FeaturePack
+    from .features.feature_pack import FeaturePack
     from .synthesize import feature_coverage, synthesize, target_features, unguided
 
     loaded = _Loaded(args)

@@ -167,8 +167,8 @@ def sae_penalty_calibration(world, packs: dict) -> dict:
     threshold: the per-token score that 0.1% of clean English tokens exceed (clean rollouts cost ~0);
     scale: the median excess of switched English documents, so a typical switch costs `sae_penalty_weight`.
     """
-    from .detection import calibrate_threshold, code_switch_scores, encode_completions
-    from .feature_pack import FeaturePack
+    from .features.detection import calibrate_threshold, code_switch_scores, encode_completions
+    from .features.feature_pack import FeaturePack
     from .hooks import capture_residual
     from .sae.loaders import load_sae
 

@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .features.text_features import encode_texts
 from .plots import pyplot, save_figure
 from .sae.autoencoder import SparseAutoencoder
-from .text_features import encode_texts
 
 
 def footprints(model, tokenizer, sae: SparseAutoencoder, texts: Sequence[str], **kwargs) -> list[frozenset[int]]:

@@ -32,11 +32,11 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .feature_pack import FeaturePack
+from .features.feature_pack import FeaturePack
+from .features.text_features import check_texts, encode_texts, sae_layer
 from .hooks import ResidualEdit, capture_residual
 from .sae.autoencoder import SparseAutoencoder
 from .steered_generation import generate
-from .text_features import check_texts, encode_texts, sae_layer
 
 STRATEGIES = ("context", "steer", "both")
 

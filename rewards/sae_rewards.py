@@ -13,10 +13,10 @@ from collections.abc import Mapping
 
 import torch
 
-from qscope_rl.classify import FeatureClassifier
-from qscope_rl.detection import code_switch_scores, repetition_scores
-from qscope_rl.feature_pack import FeaturePack
-from qscope_rl.probe import completion_probe_tail, probe_scores
+from qscope_rl.features.classifier import FeatureClassifier
+from qscope_rl.features.detection import code_switch_scores, repetition_scores
+from qscope_rl.features.feature_pack import FeaturePack
+from qscope_rl.features.probe import completion_probe_tail, probe_scores
 
 
 def _activations(kwargs, name: str):

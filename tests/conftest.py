@@ -35,6 +35,6 @@ def pack_files(world):
 
 @pytest.fixture(scope="session")
 def packs(pack_files):
-    from qscope_rl.feature_pack import FeaturePack
+    from qscope_rl.features.feature_pack import FeaturePack
 
     return {name: FeaturePack.load(path) for name, path in pack_files.items()}

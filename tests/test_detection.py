@@ -6,8 +6,13 @@ from tiny_models import HIDDEN, tiny_model
 from torch.testing import assert_close
 
 from qscope_rl import SparseAutoencoder, capture_residual, load_sae
-from qscope_rl.detection import CompletionActivations, code_switch_scores, encode_completions, repetition_scores
-from qscope_rl.feature_pack import Feature, FeaturePack, FeaturePackError
+from qscope_rl.features.detection import (
+    CompletionActivations,
+    code_switch_scores,
+    encode_completions,
+    repetition_scores,
+)
+from qscope_rl.features.feature_pack import Feature, FeaturePack, FeaturePackError
 
 D_SAE, K, LAYER, EOS, PAD = 96, 6, 1, 3, 3
 
@@ -198,7 +203,7 @@ def test_world_alignment_against_each_completion_alone(world, world_rollouts):
 
 @pytest.fixture(scope="module")
 def language_packs(world):
-    from qscope_rl.discovery import discover_language_features
+    from qscope_rl.features.discovery import discover_language_features
 
     sae = load_sae(world.sae_dir, layer=world.layer)
     train = [d for d in world.documents("train") if d.switch_char is None and d.loop_char is None]
@@ -214,7 +219,7 @@ def encode_texts(world, sae, texts, tracked):
 
 
 def test_world_switch_onset_pre_not_later_than_activation(world, language_packs):
-    from qscope_rl.detection import calibrate_threshold
+    from qscope_rl.features.detection import calibrate_threshold
 
     sae, packs = language_packs
     tracked = torch.cat([packs["en"].ids, packs["zh"].ids])
@@ -238,7 +243,7 @@ def test_world_switch_onset_pre_not_later_than_activation(world, language_packs)
 
 
 def test_calibrate_threshold_flags_the_requested_share_of_clean_tokens():
-    from qscope_rl.detection import calibrate_threshold
+    from qscope_rl.features.detection import calibrate_threshold
 
     acts = hand_made_acts()  # per-token scores of pack [5, 7]: 0.5, 5, 0, 0.25 | 0, 0.5
     assert calibrate_threshold(acts, pack_of([5, 7]), quantile=1.0) == pytest.approx(5.0)

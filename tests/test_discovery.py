@@ -7,8 +7,8 @@ from tiny_models import HIDDEN, tiny_model
 from torch.testing import assert_close
 
 from qscope_rl import SparseAutoencoder, capture_residual, load_sae
-from qscope_rl.detection import encode_completions
-from qscope_rl.discovery import (
+from qscope_rl.features.detection import encode_completions
+from qscope_rl.features.discovery import (
     discover_contrastive_features,
     discover_language_features,
     discover_repetition_features,
@@ -169,7 +169,7 @@ def test_cli_discovers_language_and_contrastive_packs(tmp_path, capsys):
     import transformers as tf
 
     from qscope_rl.cli_features import register
-    from qscope_rl.feature_pack import FeaturePack
+    from qscope_rl.features.feature_pack import FeaturePack
     from qscope_rl.world.tokenizer import train_tokenizer
 
     tok = train_tokenizer(EN * 5 + ZH * 5, vocab_size=300)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from qscope_rl import SparseAutoencoder
-from qscope_rl.feature_pack import Feature, FeaturePack, FeaturePackError, texts_sha256
+from qscope_rl.features.feature_pack import Feature, FeaturePack, FeaturePackError, texts_sha256
 
 
 def make_pack(d_sae=64, d_in=16, layer=2, n=5):

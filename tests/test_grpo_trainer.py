@@ -11,8 +11,8 @@ from datasets import Dataset
 from torch.testing import assert_close
 
 from qscope_rl import SparseActs, SparseAutoencoder, capture_residual, load_sae
-from qscope_rl.aux_loss import FeatureAuxLoss, residual_for_loss
-from qscope_rl.feature_pack import FeaturePackError
+from qscope_rl.features.aux_loss import FeatureAuxLoss, residual_for_loss
+from qscope_rl.features.feature_pack import FeaturePackError
 from qscope_rl.judges import ngram_repeat_ratio
 from qscope_rl.rewards import (
     LanguageConsistencyReward,
@@ -162,8 +162,8 @@ def test_rewards_pickle_and_resolve_by_name(packs, pack_files):
 
 
 def test_probe_penalty_trains_and_is_checked_against_the_sae(world, pack_files, tmp_path):
-    from qscope_rl.classify import ClassifierError
-    from qscope_rl.probe import fit_completion_probe
+    from qscope_rl.features.classifier import ClassifierError
+    from qscope_rl.features.probe import fit_completion_probe
 
     sae = load_sae(world.sae_dir, layer=world.layer)
     docs = world.documents("train")

@@ -8,7 +8,7 @@ import torch
 from torch.testing import assert_close
 
 from qscope_rl import capture_residual, load_sae
-from qscope_rl.aux_loss import FeatureAuxLoss
+from qscope_rl.features.aux_loss import FeatureAuxLoss
 from qscope_rl.rewards import LanguageConsistencyReward
 from qscope_rl.trainers import SAELossHelper, SAEMonitor
 

@@ -12,7 +12,7 @@ SCRIPT = textwrap.dedent('''
     import json, os, sys
     import torch
     from datasets import Dataset
-    from qscope_rl.detection import code_switch_scores
+    from qscope_rl.features.detection import code_switch_scores
     from qscope_rl.rewards import LanguageConsistencyReward
     from qscope_rl.trainers import SAEGRPOConfig, SAEGRPOTrainer
     from qscope_rl.world.world import World

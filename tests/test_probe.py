@@ -8,9 +8,9 @@ from sklearn.metrics import roc_auc_score
 from torch.testing import assert_close
 
 from qscope_rl import capture_residual, load_sae
-from qscope_rl.classify import ClassifierError, FeatureClassifier
-from qscope_rl.detection import CompletionActivations, encode_completions
-from qscope_rl.probe import fit_completion_probe, probe_scores, tail_mean_activations
+from qscope_rl.features.classifier import ClassifierError, FeatureClassifier
+from qscope_rl.features.detection import CompletionActivations, encode_completions
+from qscope_rl.features.probe import fit_completion_probe, probe_scores, tail_mean_activations
 
 
 def test_tail_mean_matches_a_naive_reference():

@@ -73,7 +73,7 @@ def test_demo_recipes_dry_run_with_no_missing_files(path, world, pack_files, tmp
 
 def test_dry_run_checks_completion_probes(world, pack_files, tmp_path):
     from qscope_rl import load_sae
-    from qscope_rl.probe import fit_completion_probe
+    from qscope_rl.features.probe import fit_completion_probe
 
     recipe_path = str(RECIPES / "grpo_amplified_repetition.yaml")
     common = ["--demo_world", str(world.path), "--output_dir", str(tmp_path)]

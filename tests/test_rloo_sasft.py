@@ -9,7 +9,7 @@ from datasets import Dataset
 from trl import RLOOTrainer
 
 from qscope_rl import load_sae
-from qscope_rl.aux_loss import FeatureAuxLoss
+from qscope_rl.features.aux_loss import FeatureAuxLoss
 from qscope_rl.rewards import LanguageConsistencyReward, SAECodeSwitchPenalty
 from qscope_rl.trainers import SAEGRPOConfig, SAEGRPOTrainer, SAERLOOConfig, SAERLOOTrainer, SASFTConfig, SASFTTrainer
 
@@ -93,7 +93,7 @@ def _target_pre_acts(model, world, pack, docs):
     sae = load_sae(world.sae_dir, layer=world.layer)
     aux = FeatureAuxLoss(sae, pack.ids, None)
     batch = world.tokenizer(docs, return_tensors="pt", padding=True)
-    from qscope_rl.aux_loss import residual_for_loss
+    from qscope_rl.features.aux_loss import residual_for_loss
 
     with torch.no_grad(), residual_for_loss(model.eval(), world.layer) as cap:
         model(**batch)

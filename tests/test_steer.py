@@ -9,8 +9,8 @@ import torch
 from qscope_rl import load_sae
 from qscope_rl.cli import main
 from qscope_rl.cli_utilities import steering_metrics, world_topic_pack
-from qscope_rl.discovery import discover_language_features
-from qscope_rl.feature_pack import Feature, FeaturePack
+from qscope_rl.features.discovery import discover_language_features
+from qscope_rl.features.feature_pack import Feature, FeaturePack
 from qscope_rl.hooks import decoder_layer
 from qscope_rl.steered_generation import (
     PRESETS,

@@ -14,8 +14,8 @@ import importlib.util
 import inspect
 from pathlib import Path
 
-from qscope_rl.classify import FeatureClassifier
-from qscope_rl.feature_pack import FeaturePack
+from qscope_rl.features.classifier import FeatureClassifier
+from qscope_rl.features.feature_pack import FeaturePack
 from qscope_rl.rewards import resolve_reward_func
 from qscope_rl.sae.loaders import SAELoadError, resolve_hub_sae, sae_source_kind
 from qscope_rl.sae.releases import find_release

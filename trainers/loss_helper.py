@@ -12,8 +12,8 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from qscope_rl.aux_loss import FeatureAuxLoss
-from qscope_rl.feature_pack import FeaturePack
+from qscope_rl.features.aux_loss import FeatureAuxLoss
+from qscope_rl.features.feature_pack import FeaturePack
 from qscope_rl.hooks import capture_residual, decoder_layer, hidden_size
 from qscope_rl.sae.autoencoder import SparseAutoencoder
 

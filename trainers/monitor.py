@@ -20,8 +20,8 @@ from torch import Tensor, nn
 from transformers import TrainerCallback
 from trl.models import unwrap_model_for_generation
 
-from qscope_rl.detection import code_switch_scores, encode_completions, repetition_scores
-from qscope_rl.feature_pack import FeaturePack
+from qscope_rl.features.detection import code_switch_scores, encode_completions, repetition_scores
+from qscope_rl.features.feature_pack import FeaturePack
 from qscope_rl.hooks import capture_residual, hidden_size
 from qscope_rl.sae.autoencoder import SparseAutoencoder
 from qscope_rl.sae.loaders import load_sae

@@ -24,12 +24,12 @@ from contextlib import ExitStack, contextmanager
 import torch
 from torch import Tensor
 
-from qscope_rl.aux_loss import FeatureAuxLoss
-from qscope_rl.classify import FeatureClassifier
-from qscope_rl.detection import code_switch_scores, encode_completions, repetition_scores
-from qscope_rl.feature_pack import FeaturePack
+from qscope_rl.features.aux_loss import FeatureAuxLoss
+from qscope_rl.features.classifier import FeatureClassifier
+from qscope_rl.features.detection import code_switch_scores, encode_completions, repetition_scores
+from qscope_rl.features.feature_pack import FeaturePack
+from qscope_rl.features.probe import completion_probe_tail, probe_scores
 from qscope_rl.hooks import ForwardToLayer, add_to_residual, capture_residual, decoder_layer, hidden_size
-from qscope_rl.probe import completion_probe_tail, probe_scores
 from qscope_rl.sae.loaders import load_sae
 
 from .checkpoint import SAECheckpointMixin

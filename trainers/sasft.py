@@ -26,8 +26,8 @@ from __future__ import annotations
 import torch
 from trl import SFTTrainer
 
-from qscope_rl.aux_loss import FeatureAuxLoss
-from qscope_rl.feature_pack import FeaturePack
+from qscope_rl.features.aux_loss import FeatureAuxLoss
+from qscope_rl.features.feature_pack import FeaturePack
 from qscope_rl.hooks import capture_residual, decoder_layer, hidden_size
 from qscope_rl.sae.loaders import load_sae
 

@@ -16,10 +16,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from qscope_rl.features.discovery import (
+    discover_contrastive_features,
+    discover_language_features,
+    discover_repetition_features,
+)
+from qscope_rl.features.feature_pack import FeaturePack
 from qscope_rl.sae.loaders import load_sae
 
-from ..discovery import discover_contrastive_features, discover_language_features, discover_repetition_features
-from ..feature_pack import FeaturePack
 from .world import World
 
 PACK_NAMES = ("en", "zh", "repetition", "loop")

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .hooks import capture_residual
-from .sae.autoencoder import SparseAutoencoder
+from qscope_rl.hooks import capture_residual
+from qscope_rl.sae.autoencoder import SparseAutoencoder
 
 
 class FeatureAuxLoss:

@@ -25,9 +25,10 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from qscope_rl.hooks import ForwardToLayer
+from qscope_rl.sae.autoencoder import SparseActs, SparseAutoencoder
+
 from .feature_pack import Feature, FeaturePack, texts_sha256
-from .hooks import ForwardToLayer
-from .sae.autoencoder import SparseActs, SparseAutoencoder
 
 RANK_BY = ("p_fire", "mean_diff")
 

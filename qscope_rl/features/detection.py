@@ -21,8 +21,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from qscope_rl.sae.autoencoder import DEFAULT_CHUNK_TOKENS, SparseActs, SparseAutoencoder
+
 from .feature_pack import FeaturePack, FeaturePackError
-from .sae.autoencoder import DEFAULT_CHUNK_TOKENS, SparseActs, SparseAutoencoder
 
 REDUCTIONS = ("max", "share", "mean")
 

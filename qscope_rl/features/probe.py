@@ -22,10 +22,11 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from .classify import FeatureClassifier
+from qscope_rl.hooks import ForwardToLayer
+from qscope_rl.sae.autoencoder import SparseAutoencoder
+
+from .classifier import FeatureClassifier
 from .detection import CompletionActivations, encode_completions
-from .hooks import ForwardToLayer
-from .sae.autoencoder import SparseAutoencoder
 from .text_features import check_texts, sae_layer
 
 POSITIVE, NEGATIVE = "positive", "negative"

@@ -20,8 +20,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .hooks import ForwardToLayer
-from .sae.autoencoder import SparseActs, SparseAutoencoder
+from qscope_rl.hooks import ForwardToLayer
+from qscope_rl.sae.autoencoder import SparseActs, SparseAutoencoder
 
 
 class TextFeatures(NamedTuple):
