@@ -43,7 +43,7 @@ from qscope_rl.features.detection import calibrate_threshold, code_switch_scores
 from qscope_rl.features.discovery import discover_language_features, discover_repetition_features
 from qscope_rl.features.probe import fit_completion_probe, probe_scores
 from qscope_rl.judges import first_switch_offset, has_loop, lingua_foreign_share, ngram_repeat_ratio
-from qscope_rl.steered_generation import sampling_kwargs
+from qscope_rl.tools.steered_generation import sampling_kwargs
 from qscope_rl.world import World, load_world
 
 OTHER = {"en": "zh", "zh": "en"}

@@ -31,7 +31,6 @@ from pathlib import Path
 
 import torch
 
-from qscope_rl.classify import plot_curve
 from qscope_rl.cli_utilities import (
     demo_benchmarks,
     format_curve,
@@ -41,10 +40,11 @@ from qscope_rl.cli_utilities import (
     world_classify_curve,
     world_topic_pack,
 )
-from qscope_rl.redundancy import compare_benchmarks
 from qscope_rl.sae.loaders import load_sae
-from qscope_rl.steered_generation import generate, relative_strengths, steer
-from qscope_rl.synthesize import feature_coverage, synthesize, target_features, unguided
+from qscope_rl.tools.classify import plot_curve
+from qscope_rl.tools.redundancy import compare_benchmarks
+from qscope_rl.tools.steered_generation import generate, relative_strengths, steer
+from qscope_rl.tools.synthesize import feature_coverage, synthesize, target_features, unguided
 from qscope_rl.world import World, load_world
 from qscope_rl.world.packs import world_packs
 

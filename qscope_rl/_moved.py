@@ -22,6 +22,11 @@ MOVED_MODULES: dict[str, str] = {
     "qscope_rl.feature_pack": "qscope_rl.features.feature_pack",
     "qscope_rl.probe": "qscope_rl.features.probe",
     "qscope_rl.text_features": "qscope_rl.features.text_features",
+    "qscope_rl.classify": "qscope_rl.tools.classify",
+    "qscope_rl.redundancy": "qscope_rl.tools.redundancy",
+    "qscope_rl.steered_generation": "qscope_rl.tools.steered_generation",
+    "qscope_rl.steering": "qscope_rl.tools.steering",
+    "qscope_rl.synthesize": "qscope_rl.tools.synthesize",
 }
 
 

@@ -170,7 +170,7 @@ def _load_pack(loaded, name: str, seed: int):
 
 def _strength_maps(args, loaded, pack) -> list[tuple[str, dict[int, float]]]:
     """[(label, {feature: alpha})] for every strength asked (one, or each of the sweep)."""
-    from .steered_generation import merge_strengths, parse_strength, relative_strengths
+    from .tools.steered_generation import merge_strengths, parse_strength, relative_strengths
 
     explicit: dict[int, float] = {}
     for item in args.feature:
@@ -196,7 +196,7 @@ def _strength_maps(args, loaded, pack) -> list[tuple[str, dict[int, float]]]:
 def steering_metrics(world, prompts, completions, base_model, tokenizer, target_topic: str | None = None) -> dict:
     """Judge completions on the world: code-switch rate (Unicode script), share judged on ``target_topic``,
     and the unsteered model's perplexity on them."""
-    from .steered_generation import perplexity
+    from .tools.steered_generation import perplexity
 
     out = {"code_switch_rate": sum(judges.script_code_switch(c, p.lang) for p, c in zip(prompts, completions))
            / len(completions),
@@ -209,7 +209,7 @@ def steering_metrics(world, prompts, completions, base_model, tokenizer, target_
 
 def _steer(args) -> int:
     from .cli import print_json
-    from .steered_generation import generate, steer
+    from .tools.steered_generation import generate, steer
 
     loaded = _Loaded(args)
     pack = _load_pack(loaded, args.pack, args.seed) if args.pack else None
@@ -285,7 +285,7 @@ def _register_classify(subparsers) -> None:
 
 
 def _classify(args) -> int:
-    from .classify import ClassifierError, FeatureClassifier, fit_classifier
+    from .tools.classify import ClassifierError, FeatureClassifier, fit_classifier
 
     loaded = _Loaded(args)
     try:
@@ -342,8 +342,8 @@ def _classify_fit(args, loaded, fit_classifier) -> int:
 
 
 def _classify_eval(args, loaded) -> int:
-    from .classify import plot_curve
     from .cli import print_json
+    from .tools.classify import plot_curve
 
     if loaded.world is None:
         raise SystemExit("error: classify eval runs on the demo world (it needs ground-truth labels)")
@@ -361,8 +361,8 @@ def _classify_eval(args, loaded) -> int:
 
 def world_classify_curve(world, sae, seeds, repeats: int = 3, n_test: int = 400, seed: int = 0):
     """Macro-F1 vs seeds per class on the world's topics: (curve, train pool size, test size)."""
-    from .classify import few_shot_curve
     from .features.text_features import encode_texts
+    from .tools.classify import few_shot_curve
 
     rng = random.Random(seed)
     train_docs = world.documents("train")
@@ -410,7 +410,7 @@ def _register_synthesize(subparsers) -> None:
 def _synthesize(args) -> int:
     from .cli import print_json
     from .features.feature_pack import FeaturePack
-    from .synthesize import feature_coverage, synthesize, target_features, unguided
+    from .tools.synthesize import feature_coverage, synthesize, target_features, unguided
 
     loaded = _Loaded(args)
     m, tok, sae, world = loaded.model, loaded.tokenizer, loaded.sae, loaded.world
@@ -494,7 +494,7 @@ def _register_redundancy(subparsers) -> None:
 
 def _redundancy(args) -> int:
     from .cli import print_json
-    from .redundancy import compare_benchmarks
+    from .tools.redundancy import compare_benchmarks
 
     loaded = _Loaded(args)
     truth = None

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from qscope_rl import SparseAutoencoder, load_sae
-from qscope_rl.classify import ClassifierError, FeatureClassifier, few_shot_curve, fit_classifier, macro_f1
 from qscope_rl.cli import main
 from qscope_rl.features.text_features import encode_texts
+from qscope_rl.tools.classify import ClassifierError, FeatureClassifier, few_shot_curve, fit_classifier, macro_f1
 
 D_SAE = 12
 

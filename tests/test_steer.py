@@ -12,7 +12,7 @@ from qscope_rl.cli_utilities import steering_metrics, world_topic_pack
 from qscope_rl.features.discovery import discover_language_features
 from qscope_rl.features.feature_pack import Feature, FeaturePack
 from qscope_rl.hooks import decoder_layer
-from qscope_rl.steered_generation import (
+from qscope_rl.tools.steered_generation import (
     PRESETS,
     generate,
     merge_strengths,

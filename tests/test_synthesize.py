@@ -10,7 +10,7 @@ from qscope_rl.cli import main
 from qscope_rl.features.feature_pack import Feature, FeaturePack
 from qscope_rl.features.text_features import encode_texts
 from qscope_rl.hooks import capture_residual
-from qscope_rl.synthesize import feature_coverage, synthesize, target_features, top_contexts, unguided
+from qscope_rl.tools.synthesize import feature_coverage, synthesize, target_features, top_contexts, unguided
 
 
 def test_target_features():

@@ -25,7 +25,7 @@ from qscope_rl.features.feature_pack import FeaturePack
 from qscope_rl.hooks import capture_residual, hidden_size
 from qscope_rl.sae.autoencoder import SparseAutoencoder
 from qscope_rl.sae.loaders import load_sae
-from qscope_rl.steered_generation import sampling_kwargs
+from qscope_rl.tools.steered_generation import sampling_kwargs
 
 ON_LIMIT = ("warn", "stop")
 

@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
-from ..steered_generation import generate
+from qscope_rl.tools.steered_generation import generate
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .features.feature_pack import FeaturePack
+from qscope_rl.features.feature_pack import FeaturePack
+
 from .steering import MODES, steer
 
 __all__ = ["MODES", "PRESETS", "contrastive_scale", "generate", "merge_strengths", "parse_strength", "perplexity",

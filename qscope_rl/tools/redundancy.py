@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .features.text_features import encode_texts
-from .plots import pyplot, save_figure
-from .sae.autoencoder import SparseAutoencoder
+from qscope_rl.features.text_features import encode_texts
+from qscope_rl.plots import pyplot, save_figure
+from qscope_rl.sae.autoencoder import SparseAutoencoder
 
 
 def footprints(model, tokenizer, sae: SparseAutoencoder, texts: Sequence[str], **kwargs) -> list[frozenset[int]]:

@@ -12,8 +12,8 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor, nn
 
-from .hooks import ResidualEdit, hidden_size
-from .sae.autoencoder import SparseAutoencoder
+from qscope_rl.hooks import ResidualEdit, hidden_size
+from qscope_rl.sae.autoencoder import SparseAutoencoder
 
 MODES = ("add", "clamp")
 

@@ -32,10 +32,11 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .features.feature_pack import FeaturePack
-from .features.text_features import check_texts, encode_texts, sae_layer
-from .hooks import ResidualEdit, capture_residual
-from .sae.autoencoder import SparseAutoencoder
+from qscope_rl.features.feature_pack import FeaturePack
+from qscope_rl.features.text_features import check_texts, encode_texts, sae_layer
+from qscope_rl.hooks import ResidualEdit, capture_residual
+from qscope_rl.sae.autoencoder import SparseAutoencoder
+
 from .steered_generation import generate
 
 STRATEGIES = ("context", "steer", "both")
