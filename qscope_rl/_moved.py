@@ -27,6 +27,10 @@ MOVED_MODULES: dict[str, str] = {
     "qscope_rl.steered_generation": "qscope_rl.tools.steered_generation",
     "qscope_rl.steering": "qscope_rl.tools.steering",
     "qscope_rl.synthesize": "qscope_rl.tools.synthesize",
+    "qscope_rl.trainers.dry_run": "qscope_rl.trainers.launch.dry_run",
+    "qscope_rl.trainers.recipe": "qscope_rl.trainers.launch.recipe",
+    "qscope_rl.trainers.run_args": "qscope_rl.trainers.launch.run_args",
+    "qscope_rl.trainers.world_defaults": "qscope_rl.trainers.launch.world_defaults",
 }
 
 

@@ -15,9 +15,9 @@ import yaml
 from qscope_rl.cli import build_parser
 from qscope_rl.cli import main as cli_main
 from qscope_rl.trainers import launch
-from qscope_rl.trainers.dry_run import plan
-from qscope_rl.trainers.recipe import RecipeError, parse_recipe
-from qscope_rl.trainers.run_args import RL_TRAINERS
+from qscope_rl.trainers.launch.dry_run import plan
+from qscope_rl.trainers.launch.recipe import RecipeError, parse_recipe
+from qscope_rl.trainers.launch.run_args import RL_TRAINERS
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"

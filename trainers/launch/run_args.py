@@ -16,11 +16,11 @@ from transformers import EarlyStoppingCallback
 
 from qscope_rl.registry import resolve
 
-from .config import SAEGRPOConfig, SAERLOOConfig, SASFTConfig
-from .grpo import SAEGRPOTrainer
-from .monitor import SAEMonitorCallback
-from .rloo import SAERLOOTrainer
-from .sasft import SASFTTrainer
+from ..config import SAEGRPOConfig, SAERLOOConfig, SASFTConfig
+from ..grpo import SAEGRPOTrainer
+from ..monitor import SAEMonitorCallback
+from ..rloo import SAERLOOTrainer
+from ..sasft import SASFTTrainer
 
 # the recipe's `trainer:` key -> (config class, trainer class)
 TRAINERS = {

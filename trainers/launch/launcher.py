@@ -1,4 +1,4 @@
-"""Train from a recipe: ``python -m qscope_rl.trainers.launch --config recipes/grpo_code_switch.yaml``.
+"""The launcher: train from a recipe, ``python -m qscope_rl.trainers.launch --config recipes/grpo_code_switch.yaml``.
 
 Under accelerate (``accelerate launch --config_file recipes/accelerate_configs/ddp.yaml -m
 qscope_rl.trainers.launch --config ...``) every process runs this same main; ``qscope-rl train`` runs it in
@@ -181,6 +181,3 @@ def train(recipe: Recipe):
         (Path(recipe.config.output_dir) / RUN_FILE).write_text(json.dumps(summary, indent=2, default=str))
     return trainer
 
-
-if __name__ == "__main__":
-    sys.exit(main())
