@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from qscope_rl.cli_utilities import (
+from qscope_rl.cli.utilities import (
     demo_benchmarks,
     format_curve,
     overlap_spearman,

@@ -168,7 +168,7 @@ def test_cli_discovers_language_and_contrastive_packs(tmp_path, capsys):
 
     import transformers as tf
 
-    from qscope_rl.cli_features import register
+    from qscope_rl.cli.features import register
     from qscope_rl.features.feature_pack import FeaturePack
     from qscope_rl.world.tokenizer import train_tokenizer
 

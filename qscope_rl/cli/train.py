@@ -19,6 +19,6 @@ def register(subparsers) -> None:
 
 
 def _train(args) -> int:
-    from .trainers.launch import main
+    from qscope_rl.trainers.launch import main
 
     return main(args.argv)

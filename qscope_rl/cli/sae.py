@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from .sae.loaders import load_sae
-from .sae.releases import QWEN_SCOPE_RELEASES
+from qscope_rl.sae.loaders import load_sae
+from qscope_rl.sae.releases import QWEN_SCOPE_RELEASES
+
+from .common import print_json
 
 
 def register(subparsers) -> None:
@@ -20,8 +22,6 @@ def register(subparsers) -> None:
 
 
 def _releases(args) -> None:
-    from .cli import print_json
-
     rows = [dict(repo_id=r.repo_id, model=r.model, layers=r.num_layers, d_model=r.d_model,
                  d_sae=r.d_sae, k=r.k) for r in QWEN_SCOPE_RELEASES]
     if args.json:
@@ -33,8 +33,6 @@ def _releases(args) -> None:
 
 
 def _sae_info(args) -> None:
-    from .cli import print_json
-
     sae = load_sae(args.source, args.layer, k=args.k)
     norms = sae.W_dec.norm(dim=0)
     info = dict(source=sae.source, architecture=sae.architecture, layer=sae.layer, d_in=sae.d_in,

@@ -1,16 +1,12 @@
 """`qscope-rl world build|info`: build the demo world or print its stats.
-
-Wired into the `qscope-rl` console script through `register`; also runnable on its own:
-`python -m qscope_rl.world.cli world build --size test`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 
-from .build import SIZES, build_world, load_world
+from qscope_rl.world.build import SIZES, build_world, load_world
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -57,13 +53,3 @@ def register(subparsers) -> None:
     info.add_argument("--json", action="store_true", help="print the stats as JSON")
     info.set_defaults(func=_info)
 
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="qscope-rl")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import random
 
-from . import judges
-from .cli import read_records
-from .plots import pyplot, save_figure
+from qscope_rl import judges
+from qscope_rl.plots import pyplot, save_figure
+
+from .common import LoadedSources, add_source_args, fail, print_json, read_records
 
 
 def register(subparsers) -> None:
@@ -21,47 +22,6 @@ def register(subparsers) -> None:
     _register_classify(subparsers)
     _register_synthesize(subparsers)
     _register_redundancy(subparsers)
-
-
-def _source_args(parser) -> None:
-    group = parser.add_argument_group("model and SAE (default: the demo world)")
-    group.add_argument("--world", default="test", help="demo world size when --model is not given (test / default)")
-    group.add_argument("--model", default=None, help="HF model path or id (then --sae and --layer are needed)")
-    group.add_argument("--sae", default=None, help="SAE folder / file / Hub repo (see `qscope-rl sae-info`)")
-    group.add_argument("--layer", type=int, default=None, help="decoder layer of the SAE (0-based)")
-    group.add_argument("--device", default=None, help="torch device for model and SAE (default: cpu)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
-    parser.add_argument("--plot", default=None, metavar="PNG", help="also draw a figure into this PNG file")
-
-
-class _Loaded:
-    """model, tokenizer, sae and (demo only) the world."""
-
-    def __init__(self, args):
-        from .sae.loaders import load_sae
-
-        if args.model is None:
-            from .world import load_world
-
-            self.world = load_world(args.world)
-            self.model, self.tokenizer = self.world.model, self.world.tokenizer
-            self.sae = load_sae(self.world.sae_dir, layer=self.world.layer, device=args.device)
-        else:
-            if args.sae is None or args.layer is None:
-                raise SystemExit("error: --model needs --sae and --layer")
-            from transformers import AutoModelForCausalLM, AutoTokenizer
-
-            self.world = None
-            self.tokenizer = AutoTokenizer.from_pretrained(args.model)
-            self.model = AutoModelForCausalLM.from_pretrained(args.model).eval()
-            self.sae = load_sae(args.sae, layer=args.layer, device=args.device)
-        if args.device:
-            self.model = self.model.to(args.device)
-
-
-def _fail(err: Exception) -> SystemExit:
-    return SystemExit(f"error: {err}")
 
 
 # -- demo-world glue ----------------------------------------------------------------------------------
@@ -80,7 +40,7 @@ def clean_documents(world, split: str = "train"):
 
 def world_topic_pack(world, sae, topic: str, n_texts: int = 300, top_k: int = 16, seed: int = 0):
     """Contrastive features of ``topic`` (its clean training documents vs the other topics')."""
-    from .features.discovery import discover_contrastive_features
+    from qscope_rl.features.discovery import discover_contrastive_features
 
     docs, rng = clean_documents(world), random.Random(seed)
     pos = [d.text for d in docs if d.topic == topic]
@@ -115,7 +75,7 @@ def demo_benchmarks(world, per_topic: int = 12, seed: int = 0) -> tuple[dict[str
 
 def _register_steer(subparsers) -> None:
     p = subparsers.add_parser("steer", help="generate with SAE features amplified or suppressed")
-    _source_args(p)
+    add_source_args(p)
     what = p.add_argument_group("what to steer")
     what.add_argument("--feature", action="append", default=[], metavar="ID=STRENGTH",
                       help="feature and strength: raw alpha (-4.5) or relative to the pack's contrastive "
@@ -152,10 +112,10 @@ def _positions(text: str | None):
 
 
 def _load_pack(loaded, name: str, seed: int):
-    from .features.feature_pack import FeaturePack
+    from qscope_rl.features.feature_pack import FeaturePack
 
     if loaded.world is not None and name in ("zh", "en", "repetition"):
-        from .world.packs import world_packs
+        from qscope_rl.world.packs import world_packs
 
         return world_packs(loaded.world)[name]
     if loaded.world is not None and name.startswith("topic:"):
@@ -170,7 +130,7 @@ def _load_pack(loaded, name: str, seed: int):
 
 def _strength_maps(args, loaded, pack) -> list[tuple[str, dict[int, float]]]:
     """[(label, {feature: alpha})] for every strength asked (one, or each of the sweep)."""
-    from .tools.steered_generation import merge_strengths, parse_strength, relative_strengths
+    from qscope_rl.tools.steered_generation import merge_strengths, parse_strength, relative_strengths
 
     explicit: dict[int, float] = {}
     for item in args.feature:
@@ -196,7 +156,7 @@ def _strength_maps(args, loaded, pack) -> list[tuple[str, dict[int, float]]]:
 def steering_metrics(world, prompts, completions, base_model, tokenizer, target_topic: str | None = None) -> dict:
     """Judge completions on the world: code-switch rate (Unicode script), share judged on ``target_topic``,
     and the unsteered model's perplexity on them."""
-    from .tools.steered_generation import perplexity
+    from qscope_rl.tools.steered_generation import perplexity
 
     out = {"code_switch_rate": sum(judges.script_code_switch(c, p.lang) for p, c in zip(prompts, completions))
            / len(completions),
@@ -208,10 +168,9 @@ def steering_metrics(world, prompts, completions, base_model, tokenizer, target_
 
 
 def _steer(args) -> int:
-    from .cli import print_json
-    from .tools.steered_generation import generate, steer
+    from qscope_rl.tools.steered_generation import generate, steer
 
-    loaded = _Loaded(args)
+    loaded = LoadedSources(args)
     pack = _load_pack(loaded, args.pack, args.seed) if args.pack else None
     runs = _strength_maps(args, loaded, pack)
     prompt_objs = None
@@ -229,7 +188,7 @@ def _steer(args) -> int:
             with steer(loaded.model, loaded.sae, alphas, mode=args.mode, positions=_positions(args.positions)):
                 completions = generate(loaded.model, loaded.tokenizer, texts, **kw)
         except ValueError as err:
-            raise _fail(err) from err
+            raise fail(err) from err
         results[label] = {"features": {str(k): v for k, v in alphas.items()}, "completions": completions}
     if prompt_objs is not None:
         for res in results.values():
@@ -272,7 +231,7 @@ def _register_classify(subparsers) -> None:
     p.add_argument("action", choices=("fit", "predict", "eval"),
                    help="fit: seeds -> classifier file; predict: classifier + texts -> labels; eval: the world's "
                         "macro-F1 vs seed count against dense and TF-IDF probes")
-    _source_args(p)
+    add_source_args(p)
     p.add_argument("--kind", choices=("rule", "logistic"), default="rule")
     p.add_argument("--top-k", type=int, default=None, help="rule: features per class (default: chosen in 1..10)")
     p.add_argument("--texts", default=None, help="fit: JSONL with text and label; predict: texts (JSONL or lines)")
@@ -285,9 +244,9 @@ def _register_classify(subparsers) -> None:
 
 
 def _classify(args) -> int:
-    from .tools.classify import ClassifierError, FeatureClassifier, fit_classifier
+    from qscope_rl.tools.classify import ClassifierError, FeatureClassifier, fit_classifier
 
-    loaded = _Loaded(args)
+    loaded = LoadedSources(args)
     try:
         if args.action == "fit":
             return _classify_fit(args, loaded, fit_classifier)
@@ -298,8 +257,6 @@ def _classify(args) -> int:
             texts = [r["text"] for r in read_records(args.texts)]
             labels = clf.predict_texts(loaded.model, loaded.tokenizer, loaded.sae, texts)
             if args.json:
-                from .cli import print_json
-
                 print_json([{"text": t, "label": y} for t, y in zip(texts, labels)])
             else:
                 for t, y in zip(texts, labels):
@@ -307,12 +264,10 @@ def _classify(args) -> int:
             return 0
         return _classify_eval(args, loaded)
     except (ClassifierError, ValueError) as err:
-        raise _fail(err) from err
+        raise fail(err) from err
 
 
 def _classify_fit(args, loaded, fit_classifier) -> int:
-    from .cli import print_json
-
     if args.texts:
         rows = read_records(args.texts)
         if any("label" not in r for r in rows):
@@ -342,8 +297,7 @@ def _classify_fit(args, loaded, fit_classifier) -> int:
 
 
 def _classify_eval(args, loaded) -> int:
-    from .cli import print_json
-    from .tools.classify import plot_curve
+    from qscope_rl.tools.classify import plot_curve
 
     if loaded.world is None:
         raise SystemExit("error: classify eval runs on the demo world (it needs ground-truth labels)")
@@ -361,8 +315,8 @@ def _classify_eval(args, loaded) -> int:
 
 def world_classify_curve(world, sae, seeds, repeats: int = 3, n_test: int = 400, seed: int = 0):
     """Macro-F1 vs seeds per class on the world's topics: (curve, train pool size, test size)."""
-    from .features.text_features import encode_texts
-    from .tools.classify import few_shot_curve
+    from qscope_rl.features.text_features import encode_texts
+    from qscope_rl.tools.classify import few_shot_curve
 
     rng = random.Random(seed)
     train_docs = world.documents("train")
@@ -388,7 +342,7 @@ def format_curve(curve: dict) -> str:
 
 def _register_synthesize(subparsers) -> None:
     p = subparsers.add_parser("synthesize", help="generate data for features a dataset never activates")
-    _source_args(p)
+    add_source_args(p)
     p.add_argument("--dataset", default=None, help="the dataset (JSONL text or lines); world: --dataset-size "
                                                    "random training documents")
     p.add_argument("--dataset-size", type=int, default=64)
@@ -408,11 +362,10 @@ def _register_synthesize(subparsers) -> None:
 
 
 def _synthesize(args) -> int:
-    from .cli import print_json
-    from .features.feature_pack import FeaturePack
-    from .tools.synthesize import feature_coverage, synthesize, target_features, unguided
+    from qscope_rl.features.feature_pack import FeaturePack
+    from qscope_rl.tools.synthesize import feature_coverage, synthesize, target_features, unguided
 
-    loaded = _Loaded(args)
+    loaded = LoadedSources(args)
     m, tok, sae, world = loaded.model, loaded.tokenizer, loaded.sae, loaded.world
     rng = random.Random(args.seed)
     if args.dataset:
@@ -445,7 +398,7 @@ def _synthesize(args) -> int:
         base = unguided(m, tok, sae, targets, prompts, result.n_generated, max_new_tokens=args.max_new_tokens,
                         seed=args.seed) if args.unguided else None
     except ValueError as err:
-        raise _fail(err) from err
+        raise fail(err) from err
     if args.out:
         result.save_jsonl(args.out)
     summary = {"dataset_texts": len(data), "features_active_in_dataset": int((coverage > 0).sum()),
@@ -484,7 +437,7 @@ def plot_synthesis(result, base, path: str) -> None:
 
 def _register_redundancy(subparsers) -> None:
     p = subparsers.add_parser("redundancy", help="footprint redundancy and overlap of evaluation sets")
-    _source_args(p)
+    add_source_args(p)
     p.add_argument("--benchmark", action="append", default=[], metavar="NAME=FILE",
                    help="a benchmark's texts (JSONL text or lines); repeatable. World default: six topic-subset "
                         "benchmarks with known overlap")
@@ -493,10 +446,9 @@ def _register_redundancy(subparsers) -> None:
 
 
 def _redundancy(args) -> int:
-    from .cli import print_json
-    from .tools.redundancy import compare_benchmarks
+    from qscope_rl.tools.redundancy import compare_benchmarks
 
-    loaded = _Loaded(args)
+    loaded = LoadedSources(args)
     truth = None
     if args.benchmark:
         benchmarks = {}
@@ -512,7 +464,7 @@ def _redundancy(args) -> int:
     try:
         report = compare_benchmarks(loaded.model, loaded.tokenizer, loaded.sae, benchmarks)
     except ValueError as err:
-        raise _fail(err) from err
+        raise fail(err) from err
     out = report.to_dict()
     if truth is not None:
         out["spearman_vs_true_overlap"] = overlap_spearman(report, truth)

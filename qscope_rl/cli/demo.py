@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from .world import SIZES
+from qscope_rl.world import SIZES
 
 DEFAULT_OUT = "qscope-rl-demo"
 
@@ -32,8 +32,8 @@ def register(subparsers) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import DemoSettings, run_demo
-    from .demo_report import markdown, write_report
+    from qscope_rl.demo import DemoSettings, run_demo
+    from qscope_rl.demo_report import markdown, write_report
 
     overrides = {k: v for k, v in {
         "size": args.world, "seeds": tuple(args.seeds) if args.seeds else None,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from .cli import read_records
+from .common import print_json, read_records
 
 METHODS = ("language", "repetition", "contrastive")
 
@@ -121,10 +121,10 @@ def _file_texts(args) -> dict:
 
 def _load(args):
     """(model, tokenizer, sae, texts kwargs, model name)."""
-    from .sae.loaders import load_sae
+    from qscope_rl.sae.loaders import load_sae
 
     if args.model is None:
-        from .world import load_world
+        from qscope_rl.world import load_world
 
         world = load_world(args.world)
         sae = load_sae(world.sae_dir, layer=world.layer, device=args.device)
@@ -143,8 +143,7 @@ def _load(args):
 
 
 def _discover(args) -> int:
-    from .cli import print_json
-    from .features.discovery import (
+    from qscope_rl.features.discovery import (
         discover_contrastive_features,
         discover_language_features,
         discover_repetition_features,
@@ -182,8 +181,7 @@ def _discover(args) -> int:
 def _probe(args) -> int:
     from sklearn.metrics import roc_auc_score
 
-    from .cli import print_json
-    from .features.probe import fit_completion_probe, score_texts
+    from qscope_rl.features.probe import fit_completion_probe, score_texts
 
     if not 0.0 < args.holdout < 1.0:
         raise SystemExit(f"error: --holdout must be in (0, 1), got {args.holdout}")
