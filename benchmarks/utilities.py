@@ -31,11 +31,10 @@ from pathlib import Path
 
 import torch
 
-from qscope_rl.cli.utilities import (
+from qscope_rl.demo.measures import (
     demo_benchmarks,
     format_curve,
     overlap_spearman,
-    plot_synthesis,
     steering_metrics,
     world_classify_curve,
     world_topic_pack,
@@ -44,7 +43,7 @@ from qscope_rl.sae.loaders import load_sae
 from qscope_rl.tools.classify import plot_curve
 from qscope_rl.tools.redundancy import compare_benchmarks
 from qscope_rl.tools.steered_generation import generate, relative_strengths, steer
-from qscope_rl.tools.synthesize import feature_coverage, synthesize, target_features, unguided
+from qscope_rl.tools.synthesize import feature_coverage, plot_synthesis, synthesize, target_features, unguided
 from qscope_rl.world import World, load_world
 from qscope_rl.world.packs import world_packs
 

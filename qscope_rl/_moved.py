@@ -27,6 +27,7 @@ MOVED_MODULES: dict[str, str] = {
     "qscope_rl.steered_generation": "qscope_rl.tools.steered_generation",
     "qscope_rl.steering": "qscope_rl.tools.steering",
     "qscope_rl.synthesize": "qscope_rl.tools.synthesize",
+    "qscope_rl.demo_report": "qscope_rl.demo.report",
     "qscope_rl.cli_demo": "qscope_rl.cli.demo",
     "qscope_rl.cli_features": "qscope_rl.cli.features",
     "qscope_rl.cli_sae": "qscope_rl.cli.sae",

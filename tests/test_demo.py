@@ -5,8 +5,8 @@ import json
 import pytest
 
 from qscope_rl.cli import main
-from qscope_rl.demo import ARMS, DemoSettings
-from qscope_rl.demo_report import checks, markdown
+from qscope_rl.demo.main_job import ARMS, DemoSettings
+from qscope_rl.demo.report import checks, markdown
 
 
 def stat(mean):

@@ -9,7 +9,7 @@ import torch
 
 from qscope_rl import load_sae
 from qscope_rl.cli import main
-from qscope_rl.cli.utilities import DEMO_BENCHMARKS, demo_benchmarks, overlap_spearman
+from qscope_rl.demo.measures import DEMO_BENCHMARKS, demo_benchmarks, overlap_spearman
 from qscope_rl.tools.redundancy import (
     compare_benchmarks,
     compare_footprints,

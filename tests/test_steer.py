@@ -8,7 +8,7 @@ import torch
 
 from qscope_rl import load_sae
 from qscope_rl.cli import main
-from qscope_rl.cli.utilities import steering_metrics, world_topic_pack
+from qscope_rl.demo.measures import steering_metrics, world_topic_pack
 from qscope_rl.features.discovery import discover_language_features
 from qscope_rl.features.feature_pack import Feature, FeaturePack
 from qscope_rl.hooks import decoder_layer

@@ -32,8 +32,8 @@ def register(subparsers) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from qscope_rl.demo import DemoSettings, run_demo
-    from qscope_rl.demo_report import markdown, write_report
+    from qscope_rl.demo.main_job import DemoSettings, run_demo
+    from qscope_rl.demo.report import markdown, write_report
 
     overrides = {k: v for k, v in {
         "size": args.world, "seeds": tuple(args.seeds) if args.seeds else None,

@@ -4,15 +4,13 @@ Without ``--model`` every command runs on the demo world (``--world``, default "
 topic and language labels make the results checkable; with ``--model`` (HF path or id), ``--sae`` and
 ``--layer`` are required and texts come from files (JSONL with a "text" field, or plain lines). Every
 command prints a readable table, or one JSON object with ``--json``; ``--plot PNG`` draws a figure.
-The ``demo_*`` / ``world_*`` helpers here are the demo world's glue, shared with ``benchmarks/utilities.py``.
+The demo world's measures (judged rates, the classification curve, benchmarks of known overlap) come from
+`qscope_rl.demo.measures`.
 """
 
 from __future__ import annotations
 
 import random
-
-from qscope_rl import judges
-from qscope_rl.plots import pyplot, save_figure
 
 from .common import LoadedSources, add_source_args, fail, print_json, read_records
 
@@ -22,52 +20,6 @@ def register(subparsers) -> None:
     _register_classify(subparsers)
     _register_synthesize(subparsers)
     _register_redundancy(subparsers)
-
-
-# -- demo-world glue ----------------------------------------------------------------------------------
-
-
-def world_topic(world, text: str, lang: str) -> str | None:
-    """The topic whose vocabulary (in ``lang``) makes up most of ``text``, by the world's ground truth."""
-    shares = {t: world.topic_share(text, t, lang) for t in world.topics}
-    best = max(shares, key=shares.get)
-    return best if shares[best] > 0 else None
-
-
-def clean_documents(world, split: str = "train"):
-    return [d for d in world.documents(split) if d.switch_char is None and d.loop_char is None]
-
-
-def world_topic_pack(world, sae, topic: str, n_texts: int = 300, top_k: int = 16, seed: int = 0):
-    """Contrastive features of ``topic`` (its clean training documents vs the other topics')."""
-    from qscope_rl.features.discovery import discover_contrastive_features
-
-    docs, rng = clean_documents(world), random.Random(seed)
-    pos = [d.text for d in docs if d.topic == topic]
-    neg = [d.text for d in docs if d.topic != topic]
-    pos, neg = rng.sample(pos, min(n_texts, len(pos))), rng.sample(neg, min(2 * n_texts, len(neg)))
-    return discover_contrastive_features(world.model, world.tokenizer, sae, pos, neg, top_k=top_k,
-                                         rank_by="mean_diff", name=f"topic-{topic}")
-
-
-# Demo "benchmarks" over 8 topics (indices), every one 4 topics and the same size, so that the true
-# overlap(A -> B) = |topics(A) & topics(B)| / 4 takes the values 0, 1/4, 1/2, 3/4 across pairs.
-DEMO_BENCHMARKS = {"A": (0, 1, 2, 3), "B": (0, 1, 2, 4), "C": (0, 1, 5, 6), "D": (0, 5, 6, 7),
-                   "E": (4, 5, 6, 7), "F": (2, 3, 4, 5)}
-
-
-def demo_benchmarks(world, per_topic: int = 12, seed: int = 0) -> tuple[dict[str, list[str]], dict]:
-    """({name: texts}, {(a, b): true overlap}): held-out documents of each benchmark's topics."""
-    topics = world.topics
-    if len(topics) < 8:
-        raise ValueError(f"the demo benchmarks need 8 topics, the world has {len(topics)}")
-    docs, rng = world.documents("heldout"), random.Random(seed)
-    by_topic = {t: [d.text for d in docs if d.topic == t] for t in topics}
-    benchmarks = {name: [x for i in idx for x in rng.sample(by_topic[topics[i]], per_topic)]
-                  for name, idx in DEMO_BENCHMARKS.items()}
-    truth = {(a, b): len(set(ia) & set(ib)) / len(ia) for a, ia in DEMO_BENCHMARKS.items()
-             for b, ib in DEMO_BENCHMARKS.items() if a != b}
-    return benchmarks, truth
 
 
 # -- steer --------------------------------------------------------------------------------------------
@@ -112,6 +64,7 @@ def _positions(text: str | None):
 
 
 def _load_pack(loaded, name: str, seed: int):
+    from qscope_rl.demo.measures import world_topic_pack
     from qscope_rl.features.feature_pack import FeaturePack
 
     if loaded.world is not None and name in ("zh", "en", "repetition"):
@@ -153,21 +106,8 @@ def _strength_maps(args, loaded, pack) -> list[tuple[str, dict[int, float]]]:
     return [(s, merge_strengths(explicit, relative_strengths(pack, s, top=args.top))) for s in strengths]
 
 
-def steering_metrics(world, prompts, completions, base_model, tokenizer, target_topic: str | None = None) -> dict:
-    """Judge completions on the world: code-switch rate (Unicode script), share judged on ``target_topic``,
-    and the unsteered model's perplexity on them."""
-    from qscope_rl.tools.steered_generation import perplexity
-
-    out = {"code_switch_rate": sum(judges.script_code_switch(c, p.lang) for p, c in zip(prompts, completions))
-           / len(completions),
-           "perplexity": perplexity(base_model, tokenizer, [p.text for p in prompts], completions)}
-    if target_topic is not None:
-        out["topic_share"] = sum(world_topic(world, c, p.lang) == target_topic
-                                 for p, c in zip(prompts, completions)) / len(completions)
-    return out
-
-
 def _steer(args) -> int:
+    from qscope_rl.demo.measures import plot_steering_sweep, steering_metrics
     from qscope_rl.tools.steered_generation import generate, steer
 
     loaded = LoadedSources(args)
@@ -195,7 +135,7 @@ def _steer(args) -> int:
             res["metrics"] = steering_metrics(loaded.world, prompt_objs, res["completions"], loaded.model,
                                               loaded.tokenizer, target)
     if args.plot and prompt_objs is not None:
-        _plot_sweep(results, args.plot)
+        plot_steering_sweep(results, args.plot)
     if args.json:
         print_json({"prompts": texts, "runs": results})
         return 0
@@ -205,22 +145,6 @@ def _steer(args) -> int:
         for prompt, completion in list(zip(texts, res["completions"]))[:5]:
             print(f"  {prompt[:60]!r} -> {completion[:80]!r}")
     return 0
-
-
-def _plot_sweep(results: dict, path: str) -> None:
-    plt = pyplot()
-
-    labels = list(results)
-    metrics = [m for m in ("code_switch_rate", "topic_share") if m in results[labels[0]]["metrics"]]
-    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(labels), 3.5))
-    for m in metrics:
-        ax.plot(labels, [results[x]["metrics"][m] for x in labels], marker="o", label=m)
-    ax.set(ylabel="rate", ylim=(0, 1.02), xlabel="strength")
-    twin = ax.twinx()
-    twin.plot(labels, [results[x]["metrics"]["perplexity"] for x in labels], "k--", marker="s", label="perplexity")
-    twin.set_ylabel("unsteered perplexity")
-    fig.legend(loc="upper center", ncol=3, fontsize=8)
-    save_figure(fig, path, rect=(0, 0, 1, 0.9))
 
 
 # -- classify -----------------------------------------------------------------------------------------
@@ -297,6 +221,7 @@ def _classify_fit(args, loaded, fit_classifier) -> int:
 
 
 def _classify_eval(args, loaded) -> int:
+    from qscope_rl.demo.measures import format_curve, world_classify_curve
     from qscope_rl.tools.classify import plot_curve
 
     if loaded.world is None:
@@ -311,30 +236,6 @@ def _classify_eval(args, loaded) -> int:
     else:
         print(format_curve(curve))
     return 0
-
-
-def world_classify_curve(world, sae, seeds, repeats: int = 3, n_test: int = 400, seed: int = 0):
-    """Macro-F1 vs seeds per class on the world's topics: (curve, train pool size, test size)."""
-    from qscope_rl.features.text_features import encode_texts
-    from qscope_rl.tools.classify import few_shot_curve
-
-    rng = random.Random(seed)
-    train_docs = world.documents("train")
-    pool = [d for t in world.topics for d in rng.sample([d for d in train_docs if d.topic == t], max(seeds))]
-    test = rng.sample(world.documents("heldout"), min(n_test, len(world.documents("heldout"))))
-    ftrain = encode_texts(world.model, world.tokenizer, sae, [d.text for d in pool], desc="classify: train pool")
-    ftest = encode_texts(world.model, world.tokenizer, sae, [d.text for d in test], desc="classify: test")
-    curve = few_shot_curve(sae, ftrain, [d.text for d in pool], [d.topic for d in pool], ftest,
-                     [d.text for d in test], [d.topic for d in test], seeds_per_class=seeds, repeats=repeats,
-                     seed=seed)
-    return curve, len(pool), len(test)
-
-
-def format_curve(curve: dict) -> str:
-    seeds = list(next(iter(curve.values())))
-    lines = [f"{'macro-F1':<16}" + "".join(f"{f'{n}/class':>10}" for n in seeds)]
-    lines += [f"{m:<16}" + "".join(f"{v[n]:>10.3f}" for n in seeds) for m, v in curve.items()]
-    return "\n".join(lines)
 
 
 # -- synthesize ---------------------------------------------------------------------------------------
@@ -363,7 +264,7 @@ def _register_synthesize(subparsers) -> None:
 
 def _synthesize(args) -> int:
     from qscope_rl.features.feature_pack import FeaturePack
-    from qscope_rl.tools.synthesize import feature_coverage, synthesize, target_features, unguided
+    from qscope_rl.tools.synthesize import feature_coverage, plot_synthesis, synthesize, target_features, unguided
 
     loaded = LoadedSources(args)
     m, tok, sae, world = loaded.model, loaded.tokenizer, loaded.sae, loaded.world
@@ -417,21 +318,6 @@ def _synthesize(args) -> int:
     return 0
 
 
-def plot_synthesis(result, base, path: str) -> None:
-    """Bar chart: share of target features covered, guided vs unguided, with the budget in the labels."""
-    plt = pyplot()
-
-    bars = {f"feature-targeted\n({result.n_generated} samples)": result.coverage}
-    if base is not None:
-        bars[f"unguided\n({base.n_generated} samples)"] = base.coverage
-    fig, ax = plt.subplots(figsize=(4, 3.5))
-    ax.bar(list(bars), list(bars.values()), color=["tab:green", "tab:gray"][: len(bars)])
-    for i, v in enumerate(bars.values()):
-        ax.text(i, v + 0.02, f"{v:.0%}", ha="center")
-    ax.set(ylim=(0, 1.1), ylabel=f"share of {len(result.targets)} target features covered")
-    save_figure(fig, path)
-
-
 # -- redundancy ---------------------------------------------------------------------------------------
 
 
@@ -446,6 +332,7 @@ def _register_redundancy(subparsers) -> None:
 
 
 def _redundancy(args) -> int:
+    from qscope_rl.demo.measures import demo_benchmarks, overlap_spearman
     from qscope_rl.tools.redundancy import compare_benchmarks
 
     loaded = LoadedSources(args)
@@ -477,13 +364,3 @@ def _redundancy(args) -> int:
         if truth is not None:
             print(f"Spearman(estimated, true overlap) over ordered pairs: {out['spearman_vs_true_overlap']:.3f}")
     return 0
-
-
-def overlap_spearman(report, truth: dict) -> float:
-    """Spearman correlation between the estimated and the true overlap over all ordered pairs."""
-    from scipy.stats import spearmanr
-
-    index = {n: i for i, n in enumerate(report.names)}
-    pairs = sorted(truth)
-    est = [float(report.overlap[index[a], index[b]]) for a, b in pairs]
-    return float(spearmanr([truth[p] for p in pairs], est).statistic)

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from qscope_rl.features.feature_pack import FeaturePack
 from qscope_rl.features.text_features import check_texts, encode_texts, sae_layer
 from qscope_rl.hooks import ResidualEdit, capture_residual
+from qscope_rl.plots import pyplot, save_figure
 from qscope_rl.sae.autoencoder import SparseAutoencoder
 
 from .steered_generation import generate
@@ -263,3 +264,18 @@ def unguided(model, tokenizer, sae: SparseAutoencoder, targets: Sequence[int] | 
     rows = [dict(text=p + x, completion=x, target_feature=-1, target_activation=0.0, strategy="unguided",
                  prompt=p, round=0) for x, p in zip(texts, chosen)]
     return SynthesisResult(rows, targets, sorted(target_ids[hit.any(0)].tolist()), len(texts))
+
+
+def plot_synthesis(result: SynthesisResult, base: SynthesisResult | None, path: str) -> None:
+    """Bar chart: share of target features covered, guided vs unguided, with the budget in the labels."""
+    plt = pyplot()
+
+    bars = {f"feature-targeted\n({result.n_generated} samples)": result.coverage}
+    if base is not None:
+        bars[f"unguided\n({base.n_generated} samples)"] = base.coverage
+    fig, ax = plt.subplots(figsize=(4, 3.5))
+    ax.bar(list(bars), list(bars.values()), color=["tab:green", "tab:gray"][: len(bars)])
+    for i, v in enumerate(bars.values()):
+        ax.text(i, v + 0.02, f"{v:.0%}", ha="center")
+    ax.set(ylim=(0, 1.1), ylabel=f"share of {len(result.targets)} target features covered")
+    save_figure(fig, path)

@@ -30,10 +30,10 @@ from datasets import Dataset
 from tqdm.auto import tqdm
 from transformers import PrinterCallback
 
-from . import judges
-from .world import World, load_world
-from .world.model import sample
-from .world.packs import world_pack_files
+from qscope_rl import judges
+from qscope_rl.world import World, load_world
+from qscope_rl.world.model import sample
+from qscope_rl.world.packs import world_pack_files
 
 ARMS = {
     "a": "task reward only",
@@ -106,7 +106,7 @@ def evaluate(world, model, prompts, settings: DemoSettings, seed: int) -> dict:
 
 def arm_setup(arm: str, world, packs: dict, settings: DemoSettings) -> tuple[list, list[float], dict]:
     """(reward functions, their weights, SAE config fields) of one arm."""
-    from .rewards import (
+    from qscope_rl.rewards import (
         CodeSwitchJudge,
         LanguageConsistencyReward,
         LoopJudge,
@@ -141,7 +141,7 @@ def arm_setup(arm: str, world, packs: dict, settings: DemoSettings) -> tuple[lis
 
 def train_arm(arm: str, seed: int, world, packs: dict, dataset: Dataset, settings: DemoSettings):
     """Train one arm with one seed; returns the trained model and TRL's log history."""
-    from .trainers import SAEGRPOConfig, SAEGRPOTrainer
+    from qscope_rl.trainers import SAEGRPOConfig, SAEGRPOTrainer
 
     rewards, weights, sae = arm_setup(arm, world, packs, settings)
     torch.manual_seed(seed)
@@ -167,10 +167,10 @@ def sae_penalty_calibration(world, packs: dict) -> dict:
     threshold: the per-token score that 0.1% of clean English tokens exceed (clean rollouts cost ~0);
     scale: the median excess of switched English documents, so a typical switch costs `sae_penalty_weight`.
     """
-    from .features.detection import calibrate_threshold, code_switch_scores, encode_completions
-    from .features.feature_pack import FeaturePack
-    from .hooks import capture_residual
-    from .sae.loaders import load_sae
+    from qscope_rl.features.detection import calibrate_threshold, code_switch_scores, encode_completions
+    from qscope_rl.features.feature_pack import FeaturePack
+    from qscope_rl.hooks import capture_residual
+    from qscope_rl.sae.loaders import load_sae
 
     sae, pack = load_sae(world.sae_dir, layer=world.layer), FeaturePack.load(packs["zh"])
     english = [d for d in world.documents("train") if d.lang == "en" and d.loop_char is None]

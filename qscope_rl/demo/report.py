@@ -6,7 +6,7 @@ import json
 import math
 from pathlib import Path
 
-from .plots import pyplot, save_figure
+from qscope_rl.plots import pyplot, save_figure
 
 MEASURES = ("code_switch_rate", "loop_rate", "task_reward")
 
