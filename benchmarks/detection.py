@@ -12,7 +12,7 @@ their text tokens (the closing EOS left out, as the SAE trainers do). Labels com
 - onset: the first switched token is the first completion token carrying a byte of the first
   foreign-script character; the SAE's onset is the first token whose unwanted-language score exceeds a
   threshold calibrated on clean TRAINING documents (0.1% of their tokens flagged); `> 0` is shown beside.
-- repetition: `has_loop(text)`, scored by a linear probe on SAE features (`qscope_rl.probe`: logistic
+- repetition: `has_loop(text)`, scored by a linear probe on SAE features (`qscope_rl.features.probe`: logistic
   regression on the mean activation of every feature over a completion's last 24 tokens, fitted on looping vs
   loop-free TRAINING documents) and by the Qwen-Scope repetition pack (mean of its features over the
   completion); the open-r1 n-gram repeat ratio is scored beside.
