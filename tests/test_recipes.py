@@ -14,7 +14,7 @@ import yaml
 
 from qscope_rl.cli import build_parser
 from qscope_rl.cli import main as cli_main
-from qscope_rl.trainers import launch
+from qscope_rl.trainers.launch import launcher as launch
 from qscope_rl.trainers.launch.dry_run import plan
 from qscope_rl.trainers.launch.recipe import RecipeError, parse_recipe
 from qscope_rl.trainers.launch.run_args import RL_TRAINERS
