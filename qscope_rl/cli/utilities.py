@@ -38,8 +38,9 @@ def _register_steer(subparsers) -> None:
     what.add_argument("--strength", default=None,
                       help="strength for the pack's features; negative values need '=': --strength=-medium")
     what.add_argument("--top", type=int, default=8, help="use the pack's first N features (default 8)")
-    what.add_argument("--mode", choices=("add", "clamp"), default="add",
-                      help="add: h + alpha d; clamp: set the feature's activation to the strength")
+    what.add_argument("--mode", choices=("add", "clamp", "conditional"), default="add",
+                      help="add: h + alpha d; clamp: set the feature's activation to the strength; conditional: "
+                           "scale the feature's decoded contribution by the strength where it fires (0 removes it)")
     what.add_argument("--positions", default=None, help="token positions to steer: '0:8', '5:' or '3,4,5' "
                                                         "(default: all, prompt and generated)")
     gen = p.add_argument_group("generation")
