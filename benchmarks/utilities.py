@@ -23,15 +23,22 @@ The last line is one JSON object with the headline numbers.
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import json
-import statistics
-import sys
-import time
-from pathlib import Path
+import os
 
-import torch
+# passive OpenMP waits and one BLAS thread for scikit-learn: on a shared 2-core machine, spinning threads of
+# concurrent processes slow each other down by orders of magnitude (set before torch / numpy are imported)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import json  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
 
 from qscope_rl.demo.classify_tasks import TASKS, world_classification
 from qscope_rl.demo.measures import format_curve
@@ -57,7 +64,7 @@ from qscope_rl.tools.synthesize import (
 )
 from qscope_rl.world import World, load_world
 
-THROUGHPUT_PAIRS = 6
+THROUGHPUT_PAIRS = 4
 DRAWS = 10  # redundancy: draws of the benchmark documents (draw 0 is the headline, the rest show the spread)
 SYNTH_ROUNDS = 8  # synthesize: attempts per target at most (the matched budget is what they use)
 UNGUIDED_CAP = 8  # the unguided run may use this many times the targeted run's samples to reach 90%
@@ -268,7 +275,12 @@ def main(argv=None) -> int:
         results |= BENCHES[name](world, sae, plots)
         print(f"({name}: {time.perf_counter() - t:.0f}s)")
     results["seconds"] = round(time.perf_counter() - t0, 1)
-    print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in results.items()}))
+    def clean(v):  # NaN (a measure that is undefined on this run) prints as null: the line stays strict JSON
+        if isinstance(v, float):
+            return None if v != v else round(v, 4)
+        return [clean(x) for x in v] if isinstance(v, list) else v
+
+    print(json.dumps({k: clean(v) for k, v in results.items()}))
     return 0
 
 

@@ -120,6 +120,10 @@ def test_cli_fit_predict(world, world_cache, monkeypatch, tmp_path, capsys):
     clf = tmp_path / "clf.safetensors"
     assert main(["classify", "fit", "--texts", str(seeds), "--classifier", str(clf), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["classes"] == sorted(world.topics[:2])
+    cut = tmp_path / "cut.safetensors"
+    assert main(["classify", "fit", "--texts", str(seeds), "--classifier", str(cut), "--threshold", "seed"]) == 0
+    assert any(k.startswith("thresholds_") for k in FeatureClassifier.load(cut).tensors)
+    capsys.readouterr()
     new = tmp_path / "new.txt"
     new.write_text("\n".join(d.text for d in world.documents("heldout")[:5]) + "\n")
     assert main(["classify", "predict", "--classifier", str(clf), "--texts", str(new), "--json"]) == 0

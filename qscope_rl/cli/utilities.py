@@ -159,6 +159,9 @@ def _register_classify(subparsers) -> None:
     add_source_args(p)
     p.add_argument("--kind", choices=("rule", "logistic"), default="rule")
     p.add_argument("--top-k", type=int, default=None, help="rule: features per class (default: chosen in 1..10)")
+    p.add_argument("--threshold", choices=("zero", "seed"), default="zero",
+                   help="rule: a feature fires when its max activation is > 0 (zero, the Qwen-Scope rule) or > a "
+                        "cut chosen per feature on the seeds (seed)")
     p.add_argument("--texts", default=None, help="fit: JSONL with text and label; predict: texts (JSONL or lines)")
     p.add_argument("--classifier", default=None, help="classifier file (.safetensors) to write (fit) or read")
     p.add_argument("--seeds-per-class", default="4,16,64",
@@ -205,7 +208,8 @@ def _classify_fit(args, loaded, fit_classifier) -> int:
         texts, labels = [d.text for d in chosen], [d.topic for d in chosen]
     else:
         raise SystemExit("error: with --model, classify fit needs --texts (JSONL with text and label)")
-    clf = fit_classifier(loaded.model, loaded.tokenizer, loaded.sae, texts, labels, args.kind, top_k=args.top_k)
+    clf = fit_classifier(loaded.model, loaded.tokenizer, loaded.sae, texts, labels, args.kind, top_k=args.top_k,
+                         threshold=args.threshold)
     if args.classifier:
         clf.save(args.classifier)
     summary = {"kind": clf.kind, "classes": clf.classes, "n_seeds": len(texts), "saved_to": args.classifier}
