@@ -88,6 +88,7 @@ def code_switch_experiment(world, sae, n_dev: int = 64, n_test: int = 128, top: 
     chosen, dev_rows = {}, {}
     for mode, strengths in CS_STRENGTHS.items():
         opts = {s: effect(base_dev, _run(world, sae, dev, alphas(mode, s), mode)) for s in strengths}
+        log(f"dev sweep {mode}: " + ", ".join(f"{s}: cut {c:.1%} ppl x{r:.2f}" for s, (c, r) in opts.items()))
         chosen[mode] = choose(opts, CS_CAP)
         dev_rows[mode] = opts[chosen[mode]]
     headline = choose(dev_rows, CS_CAP)
@@ -130,6 +131,7 @@ def topic_experiment(world, sae, n_dev: int = 24, n_test: int = 64, top: int = 8
     chosen, dev_rows = {}, {}
     for mode, strengths in TOPIC_STRENGTHS.items():
         opts = {s: mean_effect(0, mode, s)[:2] for s in strengths}
+        log(f"dev sweep {mode}: " + ", ".join(f"{s}: share {a:.3f} ppl x{r:.2f}" for s, (a, r) in opts.items()))
         chosen[mode] = choose(opts, TOPIC_CAP)
         dev_rows[mode] = opts[chosen[mode]]
     headline = choose(dev_rows, TOPIC_CAP)
