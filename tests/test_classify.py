@@ -104,7 +104,7 @@ def test_world_topics(world, tmp_path):
     ftest = encode_texts(world.model, world.tokenizer, sae, [d.text for d in test], progress=False)
     curve = few_shot_curve(sae, ftrain, [d.text for d in pool], [d.topic for d in pool], ftest,
                            [d.text for d in test], [d.topic for d in test], seeds_per_class=(2, 8), repeats=1)
-    assert set(curve) == {"sae_rule", "sae_logistic", "dense_probe", "tfidf_logistic"}
+    assert set(curve) == {"sae_rule", "sae_rule_seed_threshold", "sae_logistic", "dense_probe", "tfidf_logistic"}
     assert all(0 <= f <= 1 for per_n in curve.values() for f in per_n.values())
     with pytest.raises(ValueError, match="not enough training texts"):
         few_shot_curve(sae, ftrain, [d.text for d in pool], [d.topic for d in pool], ftest,
@@ -120,6 +120,10 @@ def test_cli_fit_predict(world, world_cache, monkeypatch, tmp_path, capsys):
     clf = tmp_path / "clf.safetensors"
     assert main(["classify", "fit", "--texts", str(seeds), "--classifier", str(clf), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["classes"] == sorted(world.topics[:2])
+    cut = tmp_path / "cut.safetensors"
+    assert main(["classify", "fit", "--texts", str(seeds), "--classifier", str(cut), "--threshold", "seed"]) == 0
+    assert any(k.startswith("thresholds_") for k in FeatureClassifier.load(cut).tensors)
+    capsys.readouterr()
     new = tmp_path / "new.txt"
     new.write_text("\n".join(d.text for d in world.documents("heldout")[:5]) + "\n")
     assert main(["classify", "predict", "--classifier", str(clf), "--texts", str(new), "--json"]) == 0
@@ -127,3 +131,83 @@ def test_cli_fit_predict(world, world_cache, monkeypatch, tmp_path, capsys):
     FeatureClassifier.fit(*toy_data(), toy_sae()).save(tmp_path / "other.safetensors")
     with pytest.raises(SystemExit, match="another SAE"):
         main(["classify", "predict", "--classifier", str(tmp_path / "other.safetensors"), "--texts", str(new)])
+
+
+def brute_force_cuts(x, pos):
+    """Per feature: try every cut strictly between consecutive distinct values (and 0); best gain wins."""
+    cuts = []
+    for f in range(x.shape[1]):
+        col = x[:, f]
+        best, best_cut = ((col[pos] > 0).float().mean() - (col[~pos] > 0).float().mean()).item(), 0.0
+        values = sorted(set(col.tolist()) | {0.0}, reverse=True)
+        for hi, lo in zip(values, values[1:]):
+            if hi <= 0:
+                continue
+            cut = (hi + lo) / 2
+            gain = ((col[pos] > cut).float().mean() - (col[~pos] > cut).float().mean()).item()
+            if gain > best + 1e-12:
+                best, best_cut = gain, cut
+        cuts.append(best_cut)
+    return torch.tensor(cuts)
+
+
+def test_seed_thresholds_match_brute_force():
+    from qscope_rl.features.classifier import seed_thresholds
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.rand(30, 6, generator=g) * 3 - 1).clamp(min=0)  # many exact zeros, like max_acts
+    pos = torch.rand(30, generator=g) > 0.5
+    x[pos, 2] += 1.5  # a feature that fires on both classes, harder on the positives
+    torch.testing.assert_close(seed_thresholds(x, pos), brute_force_cuts(x, pos))
+
+
+def test_seed_threshold_rule_ignores_weak_firing():
+    """Feature 1 fires weakly on every text and strongly on class "a" only: "> 0" cannot use it, a cut can."""
+    n = 40
+    labels = ["a" if i % 2 == 0 else "b" for i in range(n)]
+    x = torch.zeros(n, D_SAE)
+    x[:, 1] = torch.tensor([2.0 if y == "a" else 0.2 for y in labels])
+    sae = toy_sae()
+    assert FeatureClassifier.fit(x, labels, sae).predict(x) != labels  # the report's rule: everything fires
+    clf = FeatureClassifier.fit(x, labels, sae, threshold="seed")
+    assert clf.predict(x) == labels
+    assert float(clf.tensors["thresholds_0"][0]) == pytest.approx(1.1)
+    with pytest.raises(ValueError, match="unknown rule threshold"):
+        FeatureClassifier.fit(x, labels, sae, threshold="median")
+
+
+def test_seed_threshold_rule_roundtrip(tmp_path):
+    n = 40
+    labels = ["a" if i % 2 == 0 else "b" for i in range(n)]
+    x = torch.zeros(n, D_SAE)
+    x[:, 1] = torch.tensor([2.0 if y == "a" else 0.2 for y in labels])
+    sae = toy_sae()
+    clf = FeatureClassifier.fit(x, labels, sae, threshold="seed")
+    again = FeatureClassifier.load(clf.save(tmp_path / "cut.safetensors"), sae=sae)
+    assert again.predict(x) == labels
+
+
+def test_world_tasks_and_share_curve(world):
+    from qscope_rl.demo.classify_tasks import TASKS, task_label, world_task
+    from qscope_rl.tools.classify import discovery_share_curve
+
+    sae = load_sae(world.sae_dir, layer=world.layer)
+    for task in TASKS:
+        pool, test = world_task(world, task, pool_per_class=6, test_per_class=5)
+        labels = [task_label(task, d) for d in pool]
+        assert len(set(labels)) >= 2 and all(labels.count(c) == 6 for c in set(labels))
+        assert not {d.text for d in pool} & {d.text for d in test}
+    assert {task_label("switch", d) for d in world.documents("heldout")} == {"yes", "no"}
+    with pytest.raises(ValueError, match="unknown classification task"):
+        task_label("sentiment", world.documents("heldout")[0])
+    pool, test = world_task(world, "language", pool_per_class=10, test_per_class=10)
+    ftrain = encode_texts(world.model, world.tokenizer, sae, [d.text for d in pool], progress=False)
+    ftest = encode_texts(world.model, world.tokenizer, sae, [d.text for d in test], progress=False)
+    curve = discovery_share_curve(sae, ftrain, [d.text for d in pool], [d.lang for d in pool], ftest,
+                                  [d.text for d in test], [d.lang for d in test], shares=(0.1, 1.0), repeats=2,
+                                  methods=("sae_rule", "sae_rule_seed_threshold"))
+    assert set(curve) == {"sae_rule", "sae_rule_seed_threshold"}
+    assert all(set(v) == {0.1, 1.0} and all(0 <= f <= 1 for f in v.values()) for v in curve.values())
+    with pytest.raises(ValueError, match="shares must be in"):
+        discovery_share_curve(sae, ftrain, [d.text for d in pool], [d.lang for d in pool], ftest,
+                              [d.text for d in test], [d.lang for d in test], shares=(0.0,))

@@ -93,3 +93,55 @@ def test_cli_redundancy(world, world_cache, monkeypatch, tmp_path, capsys):
     assert (tmp_path / "h.png").exists()
     with pytest.raises(SystemExit, match="NAME=FILE"):
         main(["redundancy", "--benchmark", str(a)])
+
+
+def exact_performance_redundancy(scores):
+    """Every subset of every size, exactly (the tool draws subsets; tiny N here)."""
+    n_samples = scores.shape[0]
+    full = scores.mean(0)
+    total = 0.0
+    for n in range(1, n_samples + 1):
+        corrs = [float(torch.corrcoef(torch.stack([scores[list(c)].mean(0), full]))[0, 1])
+                 for c in itertools.combinations(range(n_samples), n)]
+        total += sum(corrs) / len(corrs)
+    return total / n_samples
+
+
+def test_performance_redundancy():
+    from qscope_rl.tools.redundancy import performance_redundancy
+
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    assert performance_redundancy(scores, draws=4000) == pytest.approx(exact_performance_redundancy(scores), abs=0.01)
+    same = torch.randn(1, 5, generator=g, dtype=torch.float64).repeat(8, 1)
+    assert performance_redundancy(same) == pytest.approx(1.0)
+    noisy = same + 3 * torch.randn(8, 5, generator=g, dtype=torch.float64)
+    assert performance_redundancy(noisy) < performance_redundancy(same + 0.1 * torch.randn(8, 5, generator=g))
+    with pytest.raises(ValueError, match="at least 3 models"):
+        performance_redundancy(torch.zeros(4, 2))
+    with pytest.raises(ValueError, match="same mean score"):
+        performance_redundancy(torch.ones(4, 3))
+
+
+def test_world_benchmarks_and_model_family(world):
+    from qscope_rl.demo.redundancy_benchmarks import (
+        ASYMMETRIC_PAIR,
+        benchmark_cells,
+        document_losses,
+        model_family_scores,
+        world_benchmarks,
+    )
+
+    index, truth = world_benchmarks(world, per_benchmark=12, seed=1)
+    assert len(index) >= 12 and all(len(v) == 12 for v in index.values())
+    assert len(set(index["T0-dup"])) == 8
+    a, b = ASYMMETRIC_PAIR
+    assert truth[(a, b)] == 1.0 and truth[(b, a)] == pytest.approx(2 / len(benchmark_cells(world)["all"]))
+    docs = world.documents("heldout")
+    cells = benchmark_cells(world)
+    assert all((docs[i].topic, docs[i].lang) in cells[name] for name, idx in index.items() for i in idx)
+    texts = [d.text for d in docs[:6]]
+    before = document_losses(world.model, world.tokenizer, texts)
+    scores = model_family_scores(world, texts, n_models=3, progress=False)
+    assert scores.shape == (6, 3) and (scores.abs().sum(0) > 0).all()  # every ablation changes some loss
+    torch.testing.assert_close(document_losses(world.model, world.tokenizer, texts), before)  # hooks gone

@@ -132,3 +132,40 @@ def test_cli_steer(world, world_cache, zh_pack, monkeypatch, tmp_path, capsys):
         main(["steer", "--feature", "3=strong", "--prompt", "the"])
     with pytest.raises(SystemExit, match="out of range"):
         main(["steer", "--feature", "99999=1", "--prompt", "the"])
+
+
+def test_conditional_steering_matches_a_reference_and_leaves_silent_positions_alone(world):
+    """h' = h + (m - 1) * a_j(h) * d_j from a dense encode of the unedited residual; zero where j is silent."""
+    from qscope_rl.hooks import capture_residual
+
+    sae = load_sae(world.sae_dir, layer=world.layer)
+    ids = world.tokenizer([d.text for d in world.documents("heldout")[:3]], return_tensors="pt", padding=True)
+    with torch.no_grad(), capture_residual(world.model, world.layer) as plain:
+        world.model(**ids)
+    h = plain.last
+    acts = sae.encode(h)
+    fired = (acts > 0).float().mean((0, 1))
+    features = fired.argsort(descending=True)[3:6].tolist()  # fire on some positions, not all
+    factors = {features[0]: 0.0, features[1]: 2.0, features[2]: 0.5}
+    want = h.clone()
+    for f, m in factors.items():
+        want += (m - 1) * acts[..., f:f + 1] * sae.W_dec[:, f]
+    with torch.no_grad(), steer(world.model, sae, factors, mode="conditional"), \
+            capture_residual(world.model, world.layer) as edited:
+        world.model(**ids)
+    torch.testing.assert_close(edited.last, want, atol=1e-4, rtol=1e-4)
+    silent = (acts[..., features] == 0).all(-1)
+    assert silent.any() and (~silent).any()
+    torch.testing.assert_close(edited.last[silent], h[silent])  # untouched where none of them fires
+    with pytest.raises(ValueError, match="factors must be >= 0"):
+        steer(world.model, sae, {features[0]: -1.0}, mode="conditional")
+    with pytest.raises(ValueError, match="unknown steering mode"):
+        steer(world.model, sae, {features[0]: 1.0}, mode="multiply")
+
+
+def test_steering_protocol_choice():
+    from qscope_rl.demo.steering_experiment import choose
+
+    options = {"a": (0.95, 2.0), "b": (0.80, 1.2), "c": (0.60, 1.0)}
+    assert choose(options, 1.5) == "b"  # the largest effect within the perplexity cap
+    assert choose(options, 0.5) == "c"  # none within: the smallest perplexity ratio

@@ -123,3 +123,55 @@ def test_cli_synthesize(world, world_cache, monkeypatch, tmp_path, capsys):
     empty.write_text("\n")
     with pytest.raises(SystemExit, match="holds no texts"):
         main(["synthesize", "--dataset", str(empty)])
+
+
+def test_result_curve_measures():
+    from qscope_rl.tools.synthesize import SynthesisResult
+
+    r = SynthesisResult([], targets=list(range(10)), covered=list(range(9)), n_generated=5, curve=[2, 5, 5, 8, 9])
+    assert r.samples_to(0.5) == 2 and r.samples_to(0.8) == 4 and r.samples_to(0.9) == 5
+    assert r.samples_to(1.0) is None
+    assert r.coverage_at(3) == 0.5 and r.coverage_at(100) == 0.9 and r.coverage_at(0) == 0.0
+
+
+def test_curves_and_random_contexts(world):
+    from qscope_rl.tools.synthesize import random_contexts
+
+    sae = load_sae(world.sae_dir, layer=world.layer)
+    model, tok = world.model, world.tokenizer
+    zh = [d.text for d in world.documents("heldout") if d.lang == "zh"][:20]
+    prompts = random_contexts(tok, zh, 12, seed=3)
+    assert len(prompts) == 12 and all(any(t.startswith(p) for t in zh) for p in prompts)
+    assert all("\ufffd" not in p and p.strip() for p in prompts)
+    assert random_contexts(tok, zh, 12, seed=3) == prompts
+    data = [d.text for d in world.documents("train") if d.lang == "en"][:16]
+    targets = target_features(feature_coverage(model, tok, sae, data, progress=False),
+                              feature_coverage(model, tok, sae, zh, progress=False) > 0)[:10]
+    guided = synthesize(model, tok, sae, targets, prompts, reference=zh, per_target=2, max_new_tokens=16)
+    assert len(guided.curve) == guided.n_generated and guided.curve[-1] == len(guided.covered)
+    assert all(a <= b for a, b in zip(guided.curve, guided.curve[1:]))
+    base = unguided(model, tok, sae, targets, prompts, budget=40, max_new_tokens=16, batch_size=8, stop_at=0.0)
+    assert base.n_generated == 8  # stops after the first batch: 0% is reached at once
+    full = unguided(model, tok, sae, targets, prompts, budget=24, max_new_tokens=16, batch_size=8)
+    assert len(full.curve) == 24 and full.curve[-1] == len(full.covered)
+    with pytest.raises(ValueError, match="budget must be >= 1"):
+        unguided(model, tok, sae, targets, prompts, budget=0)
+
+
+def test_downstream_experiment_pieces(world):
+    from qscope_rl.demo.synthesis_experiment import downstream, gain_interval, judged_topic, synthesis_setting
+
+    doc = next(d for d in world.documents("heldout") if d.switch_char is None and d.loop_char is None)
+    assert judged_topic(world, doc.text) == doc.topic
+    assert judged_topic(world, "") is None
+    setting = synthesis_setting(world, n_real=16, tail_share=0.25)
+    assert len(setting["real"]) == 16 and sum(d.lang == "zh" for d in setting["real"]) == 4
+    assert len(setting["twice_real"]) == 32 and setting["real"] == setting["twice_real"][:16]
+    assert not set(setting["reference"]) & {d.text for d in setting["tail_test"]}
+    extra = [d.text for d in world.documents("train") if d.lang == "zh"][:8]
+    result = downstream(world, setting, {"real+same": extra, "real+none": []}, boot=50)
+    assert result["real+none"]["f1"] == result["real"]["f1"]  # nothing added: the same model
+    assert result["real+same"]["n_train"] == 16 + 8
+    assert all(r["ci"][0] <= r["f1"] + 1e-9 or r["ci"][0] <= r["ci"][1] for k, r in result.items() if k[0] != "_")
+    gain = gain_interval(result, "real+same", ["real", "real+none"])
+    assert gain["ci"][0] <= gain["gain"] <= gain["ci"][1] or gain["ci"][0] == gain["ci"][1]

@@ -38,8 +38,9 @@ def _register_steer(subparsers) -> None:
     what.add_argument("--strength", default=None,
                       help="strength for the pack's features; negative values need '=': --strength=-medium")
     what.add_argument("--top", type=int, default=8, help="use the pack's first N features (default 8)")
-    what.add_argument("--mode", choices=("add", "clamp"), default="add",
-                      help="add: h + alpha d; clamp: set the feature's activation to the strength")
+    what.add_argument("--mode", choices=("add", "clamp", "conditional"), default="add",
+                      help="add: h + alpha d; clamp: set the feature's activation to the strength; conditional: "
+                           "scale the feature's decoded contribution by the strength where it fires (0 removes it)")
     what.add_argument("--positions", default=None, help="token positions to steer: '0:8', '5:' or '3,4,5' "
                                                         "(default: all, prompt and generated)")
     gen = p.add_argument_group("generation")
@@ -158,6 +159,9 @@ def _register_classify(subparsers) -> None:
     add_source_args(p)
     p.add_argument("--kind", choices=("rule", "logistic"), default="rule")
     p.add_argument("--top-k", type=int, default=None, help="rule: features per class (default: chosen in 1..10)")
+    p.add_argument("--threshold", choices=("zero", "seed"), default="zero",
+                   help="rule: a feature fires when its max activation is > 0 (zero, the Qwen-Scope rule) or > a "
+                        "cut chosen per feature on the seeds (seed)")
     p.add_argument("--texts", default=None, help="fit: JSONL with text and label; predict: texts (JSONL or lines)")
     p.add_argument("--classifier", default=None, help="classifier file (.safetensors) to write (fit) or read")
     p.add_argument("--seeds-per-class", default="4,16,64",
@@ -204,7 +208,8 @@ def _classify_fit(args, loaded, fit_classifier) -> int:
         texts, labels = [d.text for d in chosen], [d.topic for d in chosen]
     else:
         raise SystemExit("error: with --model, classify fit needs --texts (JSONL with text and label)")
-    clf = fit_classifier(loaded.model, loaded.tokenizer, loaded.sae, texts, labels, args.kind, top_k=args.top_k)
+    clf = fit_classifier(loaded.model, loaded.tokenizer, loaded.sae, texts, labels, args.kind, top_k=args.top_k,
+                         threshold=args.threshold)
     if args.classifier:
         clf.save(args.classifier)
     summary = {"kind": clf.kind, "classes": clf.classes, "n_seeds": len(texts), "saved_to": args.classifier}

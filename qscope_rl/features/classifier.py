@@ -7,9 +7,15 @@ Two classifiers over per-text features (``max_acts``: each feature's max activat
 
 - ``kind="rule"``, Qwen-Scope's rule: a feature fires on a text if its max activation is > 0; features are
   ranked by P(fire | class) - P(fire | other classes); a class's rule is an OR over its top K. Multi-class is
-  one-vs-rest: the predicted class is the one with the largest share of its rule weight firing. K is chosen
-  per class in 1..10 by the rule's F1 on the seed set itself (smallest K on ties), unless given.
+  one-vs-rest: the predicted class is the one with the largest share of its rule weight firing; a text on which
+  no class's rule fires goes to the class whose seeds most often fire no rule (for two classes this is the
+  report's binary rule: "not firing" means the other class). K is chosen per class in 1..10 by the rule's F1
+  on the seed set itself (smallest K on ties), unless given.
   Departure from the report: the report is binary; the weighted one-vs-rest vote is ours.
+  ``threshold="seed"`` (ours, off by default) replaces "fires = max activation > 0" by "max activation > t_j",
+  t_j chosen per feature on the seeds to maximise P(fire | class) - P(fire | rest) (a one-feature stump,
+  t_j >= 0): a small SAE whose features fire weakly on most texts keeps the rule's shape, an OR over K
+  features with no trained head, but a feature then only "fires" when it fires as it does on the class.
 - ``kind="logistic"``: one-vs-rest L2 logistic regressions on standardised ``max_acts`` (scikit-learn).
 
 A fitted classifier saves to one safetensors file (tensors + JSON metadata, never pickle) that records the
@@ -39,6 +45,7 @@ from .text_features import encode_texts, sae_fingerprint
 FORMAT = "qscope-rl/classifier"
 FORMAT_VERSION = "1"
 KINDS = ("rule", "logistic")
+THRESHOLDS = ("zero", "seed")
 MAX_RULE_K = 10  # Qwen-Scope keeps the top 1-10 features
 
 
@@ -78,7 +85,7 @@ class FeatureClassifier:
     classes: list[str]
     sae: dict  # sae_info of the SAE it was fitted on
     tensors: dict[str, Tensor] = field(default_factory=dict)
-    # rule: ids_<c> (K,) feature ids, weights_<c> (K,) P(fire|c) - P(fire|rest)
+    # rule: ids_<c> (K,) feature ids, weights_<c> (K,) P(fire|c) - P(fire|rest), thresholds_<c> (K,) (0: > 0)
     # logistic: coef (C, d_sae), intercept (C,), mean (d_sae,), scale (d_sae,)
     features: str = "max_acts"  # how its per-text input was pooled ("tail_mean:<n>": `qscope_rl.probe`)
 
@@ -86,10 +93,12 @@ class FeatureClassifier:
 
     @classmethod
     def fit(cls, max_acts: Tensor, labels: Sequence[str], sae: SparseAutoencoder, kind: str = "rule", *,
-            top_k: int | None = None, C: float = 1.0) -> FeatureClassifier:
+            top_k: int | None = None, C: float = 1.0, threshold: str = "zero") -> FeatureClassifier:
         """Fit on per-text ``max_acts`` (n, d_sae) and their labels (at least two classes)."""
         if kind not in KINDS:
             raise ValueError(f"unknown classifier kind {kind!r}; expected one of {KINDS}")
+        if threshold not in THRESHOLDS:
+            raise ValueError(f"unknown rule threshold {threshold!r}; expected one of {THRESHOLDS}")
         labels = [str(x) for x in labels]
         if max_acts.ndim != 2 or max_acts.shape[1] != sae.d_sae:
             raise ValueError(f"max_acts must be (n, d_sae={sae.d_sae}), got {tuple(max_acts.shape)}")
@@ -103,14 +112,21 @@ class FeatureClassifier:
             raise ValueError(f"top_k must be in 1..{sae.d_sae}, got {top_k}")
         y = torch.tensor([classes.index(x) for x in labels])
         fit = cls._fit_rule if kind == "rule" else cls._fit_logistic
-        return cls(kind, classes, sae_info(sae), fit(max_acts.float().cpu(), y, len(classes), top_k=top_k, C=C))
+        clf = cls(kind, classes, sae_info(sae), fit(max_acts.float().cpu(), y, len(classes), top_k=top_k, C=C,
+                                                    threshold=threshold))
+        if kind == "rule":  # per class: share of its seeds on which no rule fires (the no-fire fallback)
+            silent = ~clf.rule_fires(max_acts).any(1)
+            clf.tensors["silent_share"] = torch.stack([silent[y == c].float().mean() for c in range(len(classes))])
+        return clf
 
     @staticmethod
-    def _fit_rule(max_acts: Tensor, y: Tensor, n_classes: int, *, top_k: int | None, **_) -> dict[str, Tensor]:
-        fires = max_acts > 0
+    def _fit_rule(max_acts: Tensor, y: Tensor, n_classes: int, *, top_k: int | None, threshold: str = "zero",
+                  **_) -> dict[str, Tensor]:
         tensors = {}
         for c in range(n_classes):
             pos = y == c
+            cut = seed_thresholds(max_acts, pos) if threshold == "seed" else torch.zeros(max_acts.shape[1])
+            fires = max_acts > cut
             score = fires[pos].double().mean(0) - fires[~pos].double().mean(0)  # P(fire|c) - P(fire|rest)
             order = torch.sort(score, descending=True, stable=True).indices
             order = order[score[order] > 0][:MAX_RULE_K if top_k is None else top_k]
@@ -121,6 +137,7 @@ class FeatureClassifier:
                 order = order[: int(torch.argmax(f1)) + 1]  # argmax returns the first (smallest K) maximum
             tensors[f"ids_{c}"] = order.long()
             tensors[f"weights_{c}"] = score[order].float().clamp(min=1e-6)
+            tensors[f"thresholds_{c}"] = cut[order].float()
         return tensors
 
     @staticmethod
@@ -143,11 +160,15 @@ class FeatureClassifier:
         scores = []
         for c in range(len(self.classes)):
             ids, w = self.tensors[f"ids_{c}"], self.tensors[f"weights_{c}"]
-            fired = (x[:, ids] > 0).float() @ w / w.sum()
+            cut = self.tensors.get(f"thresholds_{c}", torch.zeros(len(ids)))  # files without them: > 0
+            fired = (x[:, ids] > cut).float() @ w / w.sum()
             # ties (same share firing) go to the class whose features fire harder; never flips a fire / no-fire
             strength = torch.tanh(x[:, ids] @ w / w.sum()) * 1e-3
             scores.append(fired + strength * (fired > 0))
-        return torch.stack(scores, 1)
+        scores = torch.stack(scores, 1)
+        silent = (scores <= 0).all(1)  # no rule fires: the fallback, kept below 0 so that rule_fires stays False
+        fallback = self.tensors.get("silent_share", torch.zeros(len(self.classes)))
+        return torch.where(silent[:, None], fallback - 2, scores)
 
     def rule_fires(self, max_acts: Tensor) -> Tensor:
         """(n, C) bool: the binary Qwen-Scope OR rule of each class (rule classifiers only)."""
@@ -217,6 +238,30 @@ class FeatureClassifier:
         if sae is not None:
             clf.check_sae(sae)
         return clf
+
+
+def seed_thresholds(max_acts: Tensor, pos: Tensor) -> Tensor:
+    """(d_sae,) per feature, the cut t >= 0 maximising P(x > t | pos) - P(x > t | rest) on these texts.
+
+    Every cut between two consecutive distinct values is tried (sorting each column once); the cut is placed
+    halfway between them, and t = 0 (the report's "fires") when nothing better separates the classes.
+    """
+    x = max_acts.float()
+    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+    if n_pos == 0 or n_neg == 0:
+        return torch.zeros(x.shape[1])
+    values, order = x.sort(0, descending=True)  # (n, d)
+    is_pos = pos[order].double()
+    gain = is_pos.cumsum(0) / n_pos - (1 - is_pos).cumsum(0) / n_neg  # cut just below row i
+    below = torch.cat([values[1:], torch.zeros(1, x.shape[1])])  # the next value down (0 below the last)
+    valid = (values > below) & (values > 0)  # a cut between distinct values, above zero
+    gain = torch.where(valid, gain, torch.full_like(gain, -torch.inf))
+    best = gain.argmax(0)  # first (highest) cut on ties
+    cols = torch.arange(x.shape[1])
+    zero_gain = (x[pos] > 0).double().mean(0) - (x[~pos] > 0).double().mean(0)
+    cut = (values[best, cols] + below[best, cols]) / 2
+    better = gain[best, cols] > zero_gain + 1e-12
+    return torch.where(better, cut, torch.zeros_like(cut)).clamp(min=0)
 
 
 def fit_ovr_logistic(x: Tensor, y: Tensor, n_classes: int, *, C: float = 1.0):

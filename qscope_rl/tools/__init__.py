@@ -13,6 +13,7 @@ from .redundancy import (
     coverage_curve,
     footprints,
     overlap,
+    performance_redundancy,
     redundancy_score,
 )
 from .steered_generation import generate, merge_strengths, parse_strength, perplexity, relative_strengths
@@ -33,6 +34,7 @@ __all__ = [
     "merge_strengths",
     "overlap",
     "parse_strength",
+    "performance_redundancy",
     "perplexity",
     "plot_curve",
     "redundancy_score",

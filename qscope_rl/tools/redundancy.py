@@ -11,6 +11,9 @@ benchmark's footprint F(D) is the union over its samples.
   ``R = sum_n c_n / |F(D)|`` (c_n counted in features): we divide by N as well, so that benchmarks of
   different sizes compare.
 - overlap(A -> B) = |F(A) & F(B)| / |F(A)|, the share of A's footprint inside B's (asymmetric).
+- performance-based redundancy (what R is checked against): given per-sample scores of several models, how
+  well a random n-subset's mean scores already reproduce the whole benchmark's, as the expected Pearson
+  correlation across models of the two score vectors, averaged over n = 1..N (``performance_redundancy``).
 """
 
 from __future__ import annotations
@@ -61,6 +64,33 @@ def coverage_curve(samples: Sequence[frozenset[int]]) -> Tensor:
 def redundancy_score(samples: Sequence[frozenset[int]]) -> float:
     """R in (0, 1]: mean of the coverage curve (see the module docstring)."""
     return float(coverage_curve(samples).mean())
+
+
+def performance_redundancy(scores: Tensor, *, draws: int = 32, seed: int = 0) -> float:
+    """Mean over n = 1..N of E[corr(mean score of a random n-subset, mean score of all N)], the correlation
+    taken across models; ``scores`` is (N samples, M models), M >= 3. High when a few samples already rank and
+    space the models as the whole benchmark does. Expectations are over ``draws`` seeded subsets per n (exact
+    at n = N, where it is 1)."""
+    scores = torch.as_tensor(scores, dtype=torch.float64)
+    if scores.ndim != 2 or scores.shape[0] < 1 or scores.shape[1] < 3:
+        raise ValueError(f"scores must be (samples, models) with at least 3 models, got {tuple(scores.shape)}")
+    n_samples = scores.shape[0]
+    full = scores.mean(0)
+    full = full - full.mean()
+    if float(full.norm()) == 0:
+        raise ValueError("every model has the same mean score on this benchmark: their agreement is undefined")
+    g = torch.Generator().manual_seed(seed)
+    total = 0.0
+    for n in range(1, n_samples + 1):
+        if n == n_samples:
+            total += 1.0
+            continue
+        idx = torch.argsort(torch.rand(draws, n_samples, generator=g), 1)[:, :n]  # (draws, n) without replacement
+        sub = scores[idx].mean(1)  # (draws, M)
+        sub = sub - sub.mean(1, keepdim=True)
+        corr = (sub @ full) / (sub.norm(dim=1) * full.norm()).clamp(min=1e-300)
+        total += float(corr.mean())
+    return total / n_samples
 
 
 def overlap(a: frozenset[int], b: frozenset[int]) -> float:

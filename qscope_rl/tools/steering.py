@@ -1,8 +1,16 @@
 """Steering with SAE features: add ``alpha * d_j`` to the residual stream, or clamp a feature's activation.
 
-Qwen-Scope's controllable inference: ``h <- h + alpha * d_j`` at the SAE's layer, where ``d_j`` is feature
-j's decoder column; alpha > 0 amplifies, alpha < 0 suppresses. Clamp mode sets the feature's activation
-to a value through the decoder: ``h <- h + (v - a_j(h)) * d_j`` with ``a_j(h)`` the SAE's own encoding.
+Three modes, ``a_j(h)`` being the SAE's own (sparse) encoding of the current hidden state:
+
+- ``"add"``, Qwen-Scope's controllable inference: ``h <- h + alpha * d_j`` at every position, where ``d_j`` is
+  feature j's decoder column; alpha > 0 amplifies, alpha < 0 suppresses.
+- ``"clamp"``: set the feature's activation to a value through the decoder, ``h <- h + (v - a_j(h)) * d_j``,
+  at every position.
+- ``"conditional"``: scale the feature's decoded contribution by a factor m only where it fires,
+  ``h <- h + (m - 1) * a_j(h) * d_j`` (m = 0 removes it, m = 2 doubles it). Where the feature is silent the
+  residual is untouched, and the SAE's error term ``h - decode(encode(h))`` is kept everywhere, since the edit
+  is added to ``h`` rather than replacing it by the reconstruction. AxBench finds that additive steering at large
+  alpha costs fluency; this mode never pushes a position the feature does not already describe.
 """
 
 from __future__ import annotations
@@ -15,7 +23,7 @@ from torch import Tensor, nn
 from qscope_rl.hooks import ResidualEdit, hidden_size
 from qscope_rl.sae.autoencoder import SparseAutoencoder
 
-MODES = ("add", "clamp")
+MODES = ("add", "clamp", "conditional")
 
 
 def _as_items(features: Mapping[int, float] | Iterable[tuple[int, float]]) -> list[tuple[int, float]]:
@@ -52,6 +60,18 @@ class _ClampFeatures:
         return ((self.values - current) @ self.columns).to(hidden.device)  # (B, T, d_in)
 
 
+class _ScaleWhereFiring(_ClampFeatures):
+    """delta = sum_j (m_j - 1) * a_j(h) * d_j: zero wherever feature j is silent (a_j(h) = 0)."""
+
+    @torch.no_grad()
+    def __call__(self, hidden: Tensor) -> Tensor:
+        current = self.sae.encode_sparse(hidden.to(self.sae.W_dec.device)).features(self.ids)  # (B, T, f)
+        return (((self.values - 1) * current) @ self.columns).to(hidden.device)
+
+
+_DELTAS = {"add": _AddFeatures, "clamp": _ClampFeatures, "conditional": _ScaleWhereFiring}
+
+
 def steer(
     model: nn.Module,
     sae: SparseAutoencoder,
@@ -65,10 +85,13 @@ def steer(
     """Context manager steering ``model`` with SAE features at the SAE's layer.
 
     ``features`` maps feature id to strength: alpha for ``mode="add"``, the target activation for
-    ``mode="clamp"``. ``rows`` / ``positions`` restrict the edit to some batch rows / token positions
+    ``mode="clamp"``, the factor on the feature's decoded contribution where it fires for ``mode="conditional"``
+    (0 ablates it; it must be >= 0). ``rows`` / ``positions`` restrict the edit to some batch rows / token positions
     (see ``ResidualEdit``). Example::
 
         with steer(model, sae, {1234: -8.0}):  # suppress feature 1234
+            out = model.generate(**inputs)
+        with steer(model, sae, {1234: 0.0}, mode="conditional"):  # remove it only where it fires
             out = model.generate(**inputs)
     """
     if mode not in MODES:
@@ -82,5 +105,8 @@ def steer(
     for feature, _ in items:
         if not 0 <= feature < sae.d_sae:
             raise ValueError(f"feature {feature} out of range for an SAE with d_sae={sae.d_sae}")
-    delta = _AddFeatures(sae, items) if mode == "add" else _ClampFeatures(sae, items)
+    if mode == "conditional" and any(s < 0 for _, s in items):
+        raise ValueError("conditional steering scales a feature where it fires: factors must be >= 0 "
+                         f"(0 removes it), got {[s for _, s in items if s < 0]}")
+    delta = _DELTAS[mode](sae, items)
     return ResidualEdit(model, layer, delta, rows=rows, positions=positions)

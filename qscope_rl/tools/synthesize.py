@@ -11,7 +11,11 @@
    find the target firing on a GENERATED token (the prompt is context only; copied text never counts). A
    candidate that misses its own target but fires another uncovered target is kept for that one. Candidates are
    generated in rounds, one per still-uncovered target, up to ``per_target`` rounds.
-4. ``unguided``: the baseline, plain sampling of the same prompts at the same budget.
+4. ``unguided``: the baseline, plain sampling of random prompts at the same budget; ``random_contexts`` gives it
+   the same information the targeted method reads (random prefixes of the reference texts) without the aim.
+
+Both results record coverage after every generated sample (``curve``), so ``samples_to(0.9)`` is the data
+efficiency the report means: how many samples a method needs to cover 90% of the targets.
 
 The result is a ``datasets.Dataset`` (text, completion, target_feature, target_activation, strategy, prompt,
 round),
@@ -70,10 +74,12 @@ def target_features(coverage: Tensor, domain: FeaturePack | Iterable[int] | Tens
 
 @torch.no_grad()
 def top_contexts(model, tokenizer, sae: SparseAutoencoder, texts: Sequence[str], max_acts: Tensor,
-                 features: Sequence[int], *, n: int = 1, context_tokens: int = 32, pool: int = 16,
+                 features: Sequence[int], *, n: int = 1, context_tokens: int | None = None, pool: int = 16,
                  max_length: int = 256, layer: int | None = None) -> dict[int, list[str]]:
-    """For each feature, up to ``n`` prompts: the (at most ``context_tokens``) tokens just BEFORE a token where it
-    fires, after which the model may write such a token itself.
+    """For each feature, up to ``n`` prompts: the tokens just BEFORE a token where it fires (the whole text
+    before it, or its last ``context_tokens``), after which the model may write such a token itself. The whole
+    prefix is the default: the feature fired on that token given everything before it, and a cut context is a
+    different input.
 
     Searched: every firing token of the ``pool`` texts where the feature fires hardest (``max_acts`` is
     ``encode_texts(texts, max_length=max_length).max_acts``). Ranked by the model's own probability of writing
@@ -84,6 +90,7 @@ def top_contexts(model, tokenizer, sae: SparseAutoencoder, texts: Sequence[str],
     """
     layer = sae_layer(sae, layer)
     features = [int(f) for f in features]
+    span = max_length if context_tokens is None else context_tokens
     wanted: dict[int, list[int]] = {}  # text row -> features to look for in it
     for f in features:
         values, rows = max_acts[:, f].topk(min(pool, len(texts)))
@@ -105,9 +112,9 @@ def top_contexts(model, tokenizer, sae: SparseAutoencoder, texts: Sequence[str],
             for j, f in enumerate(feats):
                 for t in acts[:, j].nonzero().flatten().tolist():
                     cut = t  # back off over a split character's leading bytes: the model writes them too
-                    while cut > 0 and tokenizer.decode(ids[max(cut - context_tokens, 0):cut]).endswith("\ufffd"):
+                    while cut > 0 and tokenizer.decode(ids[max(cut - span, 0):cut]).endswith("\ufffd"):
                         cut -= 1
-                    prefix = tokenizer.decode(ids[max(cut - context_tokens, 0):cut], skip_special_tokens=True)
+                    prefix = tokenizer.decode(ids[max(cut - span, 0):cut], skip_special_tokens=True)
                     prefix = prefix.lstrip("\ufffd")  # a character cut at the window's start
                     if prefix.strip():
                         found.setdefault(f, []).append((float(logp[cut:t + 1].sum()), prefix))
@@ -139,6 +146,18 @@ class SynthesisResult:
     covered: list[int]
     n_generated: int
     extra: dict = field(default_factory=dict)
+    curve: list[int] = field(default_factory=list)  # targets covered after each generated sample, in order
+
+    def samples_to(self, share: float) -> int | None:
+        """Generated samples needed to cover ``share`` of the targets (None if this run never got there)."""
+        need = math.ceil(share * len(self.targets) - 1e-9)
+        return next((i + 1 for i, c in enumerate(self.curve) if c >= need), None)
+
+    def coverage_at(self, budget: int) -> float:
+        """Share of the targets covered after the first ``budget`` generated samples."""
+        if not self.curve or budget < 1:
+            return 0.0
+        return self.curve[min(budget, len(self.curve)) - 1] / max(len(self.targets), 1)
 
     @property
     def coverage(self) -> float:
@@ -216,7 +235,7 @@ def synthesize(model, tokenizer, sae: SparseAutoencoder, targets: Sequence[int] 
         typical = {t: typical.get(t, fallback) for t in targets}
 
     rng = random.Random(seed)
-    rows, covered, n_generated = [], set(), 0
+    rows, covered, n_generated, curve = [], set(), 0, []
     for round_ in tqdm(range(per_target), desc="synthesize: rounds", leave=False):
         todo = [t for t in targets if t not in covered]
         if not todo:
@@ -245,25 +264,57 @@ def synthesize(model, tokenizer, sae: SparseAutoencoder, targets: Sequence[int] 
                 rows.append(dict(text=prompt + text, completion=text, target_feature=new[0],
                                  target_activation=float(a[new[0]]), strategy=strategy, prompt=prompt, round=round_))
                 covered |= set(hit)
-    return SynthesisResult(rows, targets, sorted(covered), n_generated)
+            curve.append(len(covered))
+    return SynthesisResult(rows, targets, sorted(covered), n_generated, curve=curve)
 
 
 def unguided(model, tokenizer, sae: SparseAutoencoder, targets: Sequence[int] | Tensor, prompts: Sequence[str],
              budget: int, *, max_new_tokens: int = 48, temperature: float = 1.0, seed: int = 0,
-             batch_size: int = 64) -> SynthesisResult:
-    """The baseline: ``budget`` plain samples from random ``prompts``; every sample is kept."""
+             batch_size: int = 64, stop_at: float | None = None) -> SynthesisResult:
+    """The baseline: up to ``budget`` plain samples from random ``prompts``; every sample is kept. With
+    ``stop_at``, sampling stops after the batch in which that share of the targets is covered."""
     targets = _check_targets(targets, sae)
     prompts = check_texts(prompts, "prompts")
+    if budget < 1:
+        raise ValueError(f"budget must be >= 1, got {budget}")
     rng = random.Random(seed)
     chosen = [rng.choice(prompts) for _ in range(budget)]
-    texts = generate(model, tokenizer, chosen, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
-                     batch_size=batch_size)
-    acts = _fires(model, tokenizer, sae, chosen, texts)
     target_ids = torch.tensor(targets)
-    hit = acts[:, target_ids] > 0  # (budget, n_targets)
-    rows = [dict(text=p + x, completion=x, target_feature=-1, target_activation=0.0, strategy="unguided",
-                 prompt=p, round=0) for x, p in zip(texts, chosen)]
-    return SynthesisResult(rows, targets, sorted(target_ids[hit.any(0)].tolist()), len(texts))
+    seen = torch.zeros(len(targets), dtype=torch.bool)
+    rows, curve = [], []
+    for start in tqdm(range(0, budget, batch_size), desc="unguided", leave=False):
+        batch = chosen[start:start + batch_size]
+        texts = generate(model, tokenizer, batch, max_new_tokens=max_new_tokens, temperature=temperature,
+                         seed=seed + start, batch_size=batch_size, progress=False)
+        hit = _fires(model, tokenizer, sae, batch, texts)[:, target_ids] > 0  # (batch, n_targets)
+        for p, x, h in zip(batch, texts, hit):
+            seen |= h
+            curve.append(int(seen.sum()))
+            rows.append(dict(text=p + x, completion=x, target_feature=-1, target_activation=0.0, strategy="unguided",
+                             prompt=p, round=0))
+        if stop_at is not None and curve[-1] >= stop_at * len(targets):
+            break
+    return SynthesisResult(rows, targets, sorted(target_ids[seen].tolist()), len(rows), curve=curve)
+
+
+def random_contexts(tokenizer, texts: Sequence[str], n: int, *, seed: int = 0, min_tokens: int = 4) -> list[str]:
+    """``n`` random prefixes of ``texts`` (each cut after a random token, at least ``min_tokens`` in, at a
+    character boundary): the unguided baseline's prompts, drawn from the texts the targeted method reads."""
+    texts = check_texts(texts, "texts")
+    rng = random.Random(seed)
+    out = []
+    while len(out) < n:
+        ids = tokenizer(rng.choice(texts), add_special_tokens=False)["input_ids"]
+        if len(ids) <= min_tokens:
+            continue
+        cut = rng.randint(min_tokens, len(ids) - 1)
+        prefix = tokenizer.decode(ids[:cut], skip_special_tokens=True)
+        while prefix.endswith("\ufffd") and cut > 1:  # a character split by byte-level tokens: back off
+            cut -= 1
+            prefix = tokenizer.decode(ids[:cut], skip_special_tokens=True)
+        if prefix.strip() and "\ufffd" not in prefix:
+            out.append(prefix)
+    return out
 
 
 def plot_synthesis(result: SynthesisResult, base: SynthesisResult | None, path: str) -> None:

@@ -1,0 +1,148 @@
+"""Steering on the demo world: additive, clamp and conditional steering side by side, one protocol for all.
+
+Fixed before any run:
+- code-switch suppression: prompts in English, the unwanted-language pack(s) (every other language's SASFT
+  monolinguality pack), its top ``top`` features. Effect: the relative cut of the code-switch rate (Unicode
+  script judge). Strengths: add at -light / -medium / -strong (alpha relative to each feature's contrastive
+  activation difference), clamp to the same negative multiples, conditional at factor 0 (remove the feature where
+  it fires; no strength to choose).
+- topic steering: for each topic, its top ``top`` contrastive features, prompts of the other topics. Effect: the
+  share of samples the world's topic judge puts on the target topic. Strengths: add at +medium / +strong /
+  +20x, clamp to the same multiples, conditional at factor 2 / 4 / 10.
+- fluency cost (AxBench): the unsteered model's perplexity on the samples given their prompts, as a ratio to
+  its perplexity on the unsteered samples of the same prompts.
+- selection: each mode's strength is chosen on development prompts (training split): the largest effect whose
+  perplexity ratio is within the cap (1.5 for code-switching, 3 for topics), else the smallest ratio; the
+  headline mode is chosen among the modes by the same rule on the development prompts. Held-out prompts are
+  then run once with every mode's chosen strength.
+"""
+
+from __future__ import annotations
+
+import random
+
+from .measures import steering_metrics, world_topic_pack
+
+CS_STRENGTHS = {"add": ("-light", "-medium", "-strong"), "clamp": ("-light", "-medium", "-strong"),
+                "conditional": (0.0,)}
+TOPIC_STRENGTHS = {"add": ("medium", "strong", "20x"), "clamp": ("medium", "strong", "20x"),
+                   "conditional": (2.0, 4.0, 10.0)}
+CS_CAP, TOPIC_CAP = 1.5, 3.0
+
+
+def alphas_for(pack, mode: str, strength, top: int) -> dict[int, float]:
+    """{feature: strength} for ``mode``: relative presets for add / clamp, a plain factor for conditional."""
+    from qscope_rl.tools.steered_generation import relative_strengths
+
+    if mode == "conditional":
+        return {f.id: float(strength) for f in pack.features[:top]}
+    return relative_strengths(pack, strength, top=top)
+
+
+def choose(options: dict, cap: float):
+    """The key whose (effect, ratio) has the largest effect with ratio <= cap, else the smallest ratio."""
+    within = {k: v for k, v in options.items() if v[1] <= cap}
+    if within:
+        return max(within, key=lambda k: within[k][0])
+    return min(options, key=lambda k: options[k][1])
+
+
+def _run(world, sae, prompts, alphas: dict | None, mode: str, target_topic=None, max_new_tokens: int = 48):
+    from qscope_rl.tools.steered_generation import generate, steer
+
+    texts = [p.text for p in prompts]
+    model, tok = world.model, world.tokenizer
+    if alphas is None:
+        completions = generate(model, tok, texts, max_new_tokens=max_new_tokens, progress=False)
+    else:
+        with steer(model, sae, alphas, mode=mode):
+            completions = generate(model, tok, texts, max_new_tokens=max_new_tokens, progress=False)
+    return steering_metrics(world, prompts, completions, model, tok, target_topic)
+
+
+def unwanted_packs(world, lang: str = "en"):
+    """The SASFT packs of every language but ``lang``, merged into one pack (features in pack order)."""
+    from qscope_rl.world.packs import world_packs
+
+    packs = world_packs(world)
+    langs = sorted({d.lang for d in world.documents("heldout")})
+    return [packs[other] for other in langs if other != lang and other in packs]
+
+
+def code_switch_experiment(world, sae, n_dev: int = 64, n_test: int = 128, top: int = 8, log=print) -> dict:
+    dev = world.prompts("train", "en")[:n_dev]
+    test = world.prompts("heldout", "en")[:n_test]
+    packs = unwanted_packs(world, "en")
+
+    def alphas(mode, strength):
+        merged: dict[int, float] = {}
+        for pack in packs:
+            merged |= alphas_for(pack, mode, strength, top)
+        return merged
+
+    def effect(base, m):
+        b = base["code_switch_rate"]
+        return ((b - m["code_switch_rate"]) / b if b > 0 else float("nan")), m["perplexity"] / base["perplexity"]
+
+    base_dev = _run(world, sae, dev, None, "add")
+    chosen, dev_rows = {}, {}
+    for mode, strengths in CS_STRENGTHS.items():
+        opts = {s: effect(base_dev, _run(world, sae, dev, alphas(mode, s), mode)) for s in strengths}
+        log(f"dev sweep {mode}: " + ", ".join(f"{s}: cut {c:.1%} ppl x{r:.2f}" for s, (c, r) in opts.items()))
+        chosen[mode] = choose(opts, CS_CAP)
+        dev_rows[mode] = opts[chosen[mode]]
+    headline = choose(dev_rows, CS_CAP)
+    base = _run(world, sae, test, None, "add")
+    log(f"{'mode':<12} {'strength':>9} {'dev cut':>8} {'dev ppl x':>9} {'test cs':>8} {'cut':>7} {'ppl':>7} "
+        f"{'ppl x':>6}")
+    log(f"{'unsteered':<12} {'':>9} {'':>8} {'':>9} {base['code_switch_rate']:>8.3f} {'':>7} "
+        f"{base['perplexity']:>7.1f}")
+    held = {}
+    for mode in CS_STRENGTHS:
+        m = _run(world, sae, test, alphas(mode, chosen[mode]), mode)
+        cut, ratio = effect(base, m)
+        held[mode] = {"strength": chosen[mode], "code_switch_rate": m["code_switch_rate"], "reduction": cut,
+                      "perplexity": m["perplexity"], "ppl_ratio": ratio, "dev": list(dev_rows[mode])}
+        log(f"{mode:<12} {str(chosen[mode]):>9} {dev_rows[mode][0]:>8.1%} {dev_rows[mode][1]:>9.2f} "
+            f"{m['code_switch_rate']:>8.3f} {cut:>7.1%} {m['perplexity']:>7.1f} {ratio:>6.2f}")
+    return {"unsteered": base, "modes": held, "headline": headline,
+            "alphas": {mode: alphas(mode, chosen[mode]) for mode in CS_STRENGTHS}}
+
+
+def topic_experiment(world, sae, n_dev: int = 24, n_test: int = 64, top: int = 8, seed: int = 0, log=print) -> dict:
+    rng = random.Random(seed)
+    packs = {t: world_topic_pack(world, sae, t) for t in world.topics}
+    split = {}
+    for t in world.topics:
+        split[t] = (rng.sample([p for p in world.prompts("train") if p.topic != t], n_dev),
+                    rng.sample([p for p in world.prompts("heldout") if p.topic != t], n_test))
+
+    bases = {(which, t): _run(world, sae, split[t][which], None, "add", t) for which in (0, 1) for t in world.topics}
+
+    def mean_effect(which: int, mode: str | None, strength) -> tuple[float, float, dict]:
+        shares, ratios = [], []
+        for t in world.topics:
+            prompts, base = split[t][which], bases[which, t]
+            m = base if mode is None else _run(world, sae, prompts, alphas_for(packs[t], mode, strength, top), mode, t)
+            shares.append(m["topic_share"])
+            ratios.append(m["perplexity"] / base["perplexity"])
+        return sum(shares) / len(shares), sum(ratios) / len(ratios), {"per_topic": shares}
+
+    chosen, dev_rows = {}, {}
+    for mode, strengths in TOPIC_STRENGTHS.items():
+        opts = {s: mean_effect(0, mode, s)[:2] for s in strengths}
+        log(f"dev sweep {mode}: " + ", ".join(f"{s}: share {a:.3f} ppl x{r:.2f}" for s, (a, r) in opts.items()))
+        chosen[mode] = choose(opts, TOPIC_CAP)
+        dev_rows[mode] = opts[chosen[mode]]
+    headline = choose(dev_rows, TOPIC_CAP)
+    before = mean_effect(1, None, None)
+    log(f"{'mode':<12} {'strength':>9} {'dev share':>9} {'dev ppl x':>9} {'on topic':>8} {'ppl x':>6}")
+    log(f"{'unsteered':<12} {'':>9} {'':>9} {'':>9} {before[0]:>8.3f} {1.0:>6.2f}")
+    held = {}
+    for mode in TOPIC_STRENGTHS:
+        share, ratio, extra = mean_effect(1, mode, chosen[mode])
+        held[mode] = {"strength": chosen[mode], "topic_share": share, "ppl_ratio": ratio,
+                      "dev": list(dev_rows[mode]), **extra}
+        log(f"{mode:<12} {str(chosen[mode]):>9} {dev_rows[mode][0]:>9.3f} {dev_rows[mode][1]:>9.2f} "
+            f"{share:>8.3f} {ratio:>6.2f}")
+    return {"unsteered_share": before[0], "modes": held, "headline": headline}
