@@ -18,8 +18,14 @@ def world_env(world, world_cache, monkeypatch, pack_files):
 
 
 def run_cli(capsys, *argv):
-    code = main(list(argv))
+    """(exit status, stdout, stderr) as the console script gives them (it prints a SystemExit's message)."""
+    try:
+        code = main(list(argv))
+    except SystemExit as exit:
+        code = exit.code
     out, err = capsys.readouterr()
+    if isinstance(code, str):
+        err, code = err + code + "\n", 1
     return code, out, err
 
 

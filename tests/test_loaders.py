@@ -218,3 +218,10 @@ def test_malformed_cfg_json_names_the_file_and_field(tmp_path, content, message)
     (folder / "cfg.json").write_bytes(content)
     with pytest.raises(SAELoadError, match=message):
         load_sae(folder)
+
+
+def test_hub_resolution_refuses_k_zero_before_any_download():
+    from qscope_rl.sae.loaders import resolve_hub_sae
+
+    with pytest.raises(SAELoadError, match="k=0: k must be a positive integer"):
+        resolve_hub_sae("Qwen/SAE-Res-Qwen3-1.7B-Base-W32K-L0_50", 3, k=0)

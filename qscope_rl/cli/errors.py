@@ -20,24 +20,17 @@ KNOWN = (ValueError, OSError, ImportError, RuntimeError)  # a bug elsewhere keep
 
 
 def run(func, args, debug: bool) -> int:
-    """``func(args)`` with known errors as one line on stderr (exit 1), or their traceback with ``debug``."""
+    """``func(args)``; a known error becomes ``SystemExit("error: ...")`` (one line on stderr, exit status 1, as
+    the commands' own checks raise it), with its traceback printed first under ``debug``."""
     try:
         return int(func(args) or 0)
-    except SystemExit as exit:  # the commands' own `raise SystemExit("error: ...")`
-        if isinstance(exit.code, str):
-            if debug:
-                traceback.print_exc()
-            print(exit.code, file=sys.stderr)
-            return 1
-        raise
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
-        return 130
+        raise SystemExit(130) from None
     except KNOWN as err:
         if debug:
             traceback.print_exc()
-        print(f"error: {describe(err)}", file=sys.stderr)
-        return 1
+        raise SystemExit(f"error: {describe(err)}") from err
 
 
 def describe(err: BaseException) -> str:

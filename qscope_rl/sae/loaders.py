@@ -48,8 +48,7 @@ def load_sae(
     or a model name with a Qwen-Scope release (``Qwen/Qwen3-1.7B``; the k=50 release unless ``k`` is
     given). ``k`` overrides the format's k (for TopK) or caps the width of ``encode_sparse`` (others).
     """
-    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
-        raise SAELoadError(f"k={k!r}: k must be a positive integer (or None for the format's own k)")
+    _check_k(k)
     path = Path(os.fspath(source)).expanduser()
     if path.exists():
         sae = _load_local(path, layer, k)
@@ -61,6 +60,11 @@ def load_sae(
     if dtype is not None or device is not None:
         sae = sae.to(device=device, dtype=dtype)
     return sae.requires_grad_(False).eval()
+
+
+def _check_k(k) -> None:
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+        raise SAELoadError(f"k={k!r}: k must be a positive integer (or None for the format's own k)")
 
 
 def _looks_like_path(source: str) -> bool:
@@ -311,6 +315,7 @@ class HubSAE:
 def resolve_hub_sae(source: str, layer: int | None, k: int | None = None) -> HubSAE:
     """Map a Hub repo id or model name to its repo and ``layer{L}.sae.pt``, checking the layer against the
     releases table; no download. Raises `SAELoadError` / ValueError on an unknown model or a bad layer."""
+    _check_k(k)
     repo_id = source
     release = release_for_repo(source)
     if release is None and parse_repo_name(source) is None:
