@@ -206,14 +206,15 @@ def test_wandb_goes_offline_only_without_network_and_unset_mode(monkeypatch):
     def no_network(*args, **kwargs):
         raise OSError("no route")
 
-    monkeypatch.setattr(launch.socket, "create_connection", no_network)
+    launcher = launch.launcher  # the module (launch is the package since the layout change)
+    monkeypatch.setattr(launcher.socket, "create_connection", no_network)
     monkeypatch.delenv("WANDB_MODE", raising=False)
-    launch.use_offline_wandb_without_network(["none"])
+    launcher.use_offline_wandb_without_network(["none"])
     assert "WANDB_MODE" not in os.environ
-    launch.use_offline_wandb_without_network(["wandb"])
+    launcher.use_offline_wandb_without_network(["wandb"])
     assert os.environ["WANDB_MODE"] == "offline"
     monkeypatch.setenv("WANDB_MODE", "disabled")
-    launch.use_offline_wandb_without_network(["wandb"])
+    launcher.use_offline_wandb_without_network(["wandb"])
     assert os.environ["WANDB_MODE"] == "disabled"
 
 
