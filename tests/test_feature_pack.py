@@ -84,3 +84,69 @@ def test_texts_sha256_is_order_and_boundary_sensitive():
     assert texts_sha256(["ab", "c"]) != texts_sha256(["a", "bc"])
     assert texts_sha256(["a", "b"]) != texts_sha256(["b", "a"])
     assert texts_sha256(["a", "b"]) == texts_sha256(iter(["a", "b"]))
+
+
+def test_pack_records_the_sae_digest_and_refuses_another_sae_of_the_same_shape(tmp_path):
+    import warnings
+
+    from qscope_rl.sae.identity import sae_digest
+
+    torch.manual_seed(0)
+    sae, other = SparseAutoencoder(16, 64, k=4, layer=2), SparseAutoencoder(16, 64, k=4, layer=2)
+    with torch.no_grad():
+        for module in (sae, other):
+            module.b_enc.normal_()
+    pack = make_pack()
+    pack.sae_digest = sae_digest(sae)
+    loaded = FeaturePack.load(pack.save(tmp_path / "pack.json"))
+    assert loaded.sae_digest == sae_digest(sae) and loaded.top(2).sae_digest == sae_digest(sae)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded.check_compatible(sae)
+    with pytest.raises(FeaturePackError, match="another SAE.*SAE digest .* != .*same shape, other weights"):
+        loaded.check_compatible(other)
+    old = make_pack()  # written before the digest was recorded: loads, checked on shapes, with a warning
+    d = old.to_dict()
+    d.pop("sae_digest")
+    (tmp_path / "old.json").write_text(json.dumps(d))
+    with pytest.warns(UserWarning, match="records no SAE digest .*rediscover it"):
+        FeaturePack.load(tmp_path / "old.json").check_compatible(other)
+
+
+def test_digest_survives_a_dtype_cast_at_load(tmp_path):
+    from qscope_rl import load_sae
+    from qscope_rl.sae.identity import sae_digest
+
+    folder = tmp_path / "SAE-Res-Tiny-W64-L0_4"
+    folder.mkdir()
+    torch.manual_seed(1)
+    sae = SparseAutoencoder(16, 64, k=4, layer=2)
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.normal_()
+    torch.save({n: t for n, t in sae.state_dict().items() if n in ("W_enc", "W_dec", "b_enc", "b_dec")},
+               folder / "layer2.sae.pt")
+    assert sae_digest(load_sae(folder, layer=2, dtype=torch.bfloat16)) == sae_digest(load_sae(folder, layer=2))
+
+
+def test_pack_is_written_atomically_and_a_truncated_one_is_named(tmp_path, monkeypatch):
+    pack = make_pack()
+    path = pack.save(tmp_path / "pack.json")
+    good = path.read_text()
+
+    def killed(self, *args, **kwargs):  # a kill mid-write: the temporary file is cut off, the rename never runs
+        Path.write_bytes(self, b'{"format": "qscope')
+        raise KeyboardInterrupt
+
+    from pathlib import Path
+    monkeypatch.setattr(Path, "write_text", killed)
+    with pytest.raises(KeyboardInterrupt):
+        pack.save(path)
+    monkeypatch.undo()
+    assert path.read_text() == good and [p.name for p in tmp_path.iterdir()] == ["pack.json"]
+    path.write_text(good[:40])
+    with pytest.raises(FeaturePackError, match="not valid JSON.*truncated or corrupt"):
+        FeaturePack.load(path)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff")
+    with pytest.raises(FeaturePackError, match="not UTF-8"):
+        FeaturePack.load(path)

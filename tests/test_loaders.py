@@ -180,3 +180,48 @@ def test_hub_layer_is_checked_before_download_and_offline_error_is_actionable(mo
         load_sae("Qwen/SAE-Res-Qwen3-1.7B-Base-W32K-L0_50", layer=3)
     with pytest.raises(SAELoadError, match="pass layer="):
         load_sae("Qwen/Qwen3-8B")
+
+
+# -- hostile input (issue 19) ----------------------------------------------------------------------------
+
+
+def test_k_zero_is_refused_not_taken_for_unset(tmp_path):
+    folder = tmp_path / "SAE-Res-Tiny-W64-L0_7"
+    write_qwen_scope(folder)
+    for bad in (0, -3):
+        with pytest.raises(SAELoadError, match=f"k={bad}: k must be a positive integer"):
+            load_sae(folder, layer=3, k=bad)
+    sl, _ = saelens_folder(tmp_path, "topk", k=6)
+    with pytest.raises(SAELoadError, match="k=0"):
+        load_sae(sl, k=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool])
+def test_non_float_weights_are_refused(tmp_path, dtype):
+    folder = tmp_path / "SAE-Res-Tiny-W64-L0_7"
+    folder.mkdir()
+    w = {n: (t > 0).to(dtype) for n, t in random_weights(0).items() if n != "threshold"}
+    torch.save(w, folder / "layer3.sae.pt")
+    with pytest.raises(SAELoadError, match=r"W_enc has dtype torch\.(int64|bool).*floating-point"):
+        load_sae(folder, layer=3)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"[1, 2]", r"cfg.json must hold a JSON object, got list"),
+    (json.dumps({"architecture": "standard", "d_in": "16"}).encode(), r"cfg.json: field 'd_in' must be an integer, "
+                                                                      r"got the string '16'"),
+    (json.dumps({"architecture": "topk", "k": "6"}).encode(), r"cfg.json: field 'k' must be an integer"),
+    (b"\xff\xfe{\x00", r"cfg.json is not UTF-8 text"),
+])
+def test_malformed_cfg_json_names_the_file_and_field(tmp_path, content, message):
+    folder, _ = saelens_folder(tmp_path, "standard")
+    (folder / "cfg.json").write_bytes(content)
+    with pytest.raises(SAELoadError, match=message):
+        load_sae(folder)
+
+
+def test_hub_resolution_refuses_k_zero_before_any_download():
+    from qscope_rl.sae.loaders import resolve_hub_sae
+
+    with pytest.raises(SAELoadError, match="k=0: k must be a positive integer"):
+        resolve_hub_sae("Qwen/SAE-Res-Qwen3-1.7B-Base-W32K-L0_50", 3, k=0)

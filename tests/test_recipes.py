@@ -206,14 +206,15 @@ def test_wandb_goes_offline_only_without_network_and_unset_mode(monkeypatch):
     def no_network(*args, **kwargs):
         raise OSError("no route")
 
-    monkeypatch.setattr(launch.socket, "create_connection", no_network)
+    launcher = launch.launcher  # the module (launch is the package since the layout change)
+    monkeypatch.setattr(launcher.socket, "create_connection", no_network)
     monkeypatch.delenv("WANDB_MODE", raising=False)
-    launch.use_offline_wandb_without_network(["none"])
+    launcher.use_offline_wandb_without_network(["none"])
     assert "WANDB_MODE" not in os.environ
-    launch.use_offline_wandb_without_network(["wandb"])
+    launcher.use_offline_wandb_without_network(["wandb"])
     assert os.environ["WANDB_MODE"] == "offline"
     monkeypatch.setenv("WANDB_MODE", "disabled")
-    launch.use_offline_wandb_without_network(["wandb"])
+    launcher.use_offline_wandb_without_network(["wandb"])
     assert os.environ["WANDB_MODE"] == "disabled"
 
 
@@ -278,3 +279,99 @@ def test_cpu_accelerate_config_trains_with_two_processes(world, pack_files, tmp_
     summary = json.loads((out / launch.RUN_FILE).read_text())
     assert summary["num_processes"] == summary["torch_distributed_world_size"] == 2
     assert summary["global_step"] == 2
+
+
+# -- the dry run promises what the run delivers (issue 19) -----------------------------------------------------
+
+
+def demo_plan(world, tmp_path, name="grpo_code_switch.yaml", overrides=()):
+    return plan(parse_recipe(str(RECIPES / name), ["--demo_world", str(world.path), "--output_dir",
+                                                   str(tmp_path / "out"), *overrides], dry_run=True))
+
+
+def sae_folder_like(world, tmp_path, layer, mutate=None):
+    import torch
+
+    folder = tmp_path / "sae" / world.sae_dir.name
+    folder.mkdir(parents=True)
+    weights = torch.load(next(world.sae_dir.glob("layer*.sae.pt")), weights_only=True)
+    if mutate:
+        weights = mutate(weights)
+    torch.save(weights, folder / f"layer{layer}.sae.pt")
+    return folder
+
+
+def test_dry_run_checks_the_sae_against_the_model(world, pack_files, tmp_path):
+    import torch
+
+    n, hidden = world.model.config.num_hidden_layers, world.model.config.hidden_size
+    beyond = sae_folder_like(world, tmp_path / "a", layer=n + 4)
+    with pytest.raises(RecipeError, match=rf"sae_layer={n + 4}: the model .* has {n} decoder layers \(0..{n - 1}\)"):
+        demo_plan(world, tmp_path, overrides=["--sae_source", str(beyond), "--sae_layer", str(n + 4),
+                                              "--code_switch_pack", "null"])
+    narrow = sae_folder_like(world, tmp_path / "b", layer=world.layer, mutate=lambda w: {
+        "W_enc": w["W_enc"][:, :16].contiguous(), "b_enc": w["b_enc"], "W_dec": w["W_dec"][:16].contiguous(),
+        "b_dec": w["b_dec"][:16]})
+    with pytest.raises(RecipeError, match=rf"reads vectors of d_in=16, but the model .* has hidden_size={hidden}"):
+        demo_plan(world, tmp_path, overrides=["--sae_source", str(narrow)])
+    cut = sae_folder_like(world, tmp_path / "c", layer=world.layer)
+    sae_file = next(cut.glob("*.pt"))
+    sae_file.write_bytes(sae_file.read_bytes()[:2000])
+    with pytest.raises(RecipeError, match=r"sae_source=.*could not read .*corrupt"):
+        demo_plan(world, tmp_path, overrides=["--sae_source", str(cut)])
+    other = sae_folder_like(world, tmp_path / "d", layer=world.layer, mutate=lambda w: {
+        **w, "b_enc": w["b_enc"] + torch.ones_like(w["b_enc"])})  # same shape, other weights
+    with pytest.raises(RecipeError, match=r"code_switch_pack=.*SAE digest"):
+        demo_plan(world, tmp_path, overrides=["--sae_source", str(other)])
+
+
+def test_dry_run_checks_batch_sizes_and_pack_contents(world, pack_files, tmp_path):
+    with pytest.raises(RecipeError, match="per_device_train_batch_size=0: must be >= 1"):
+        demo_plan(world, tmp_path, overrides=["--per_device_train_batch_size", "0"])
+    pack = json.loads(pack_files["zh"].read_text())
+    (tmp_path / "empty.json").write_text(json.dumps({**pack, "features": []}))
+    with pytest.raises(RecipeError, match=r"code_switch_pack=.*empty.json.*has no features"):
+        demo_plan(world, tmp_path, overrides=["--code_switch_pack", str(tmp_path / "empty.json")])
+    stripped = {**pack, "features": [{**f, "stats": {k: v for k, v in f["stats"].items() if k != "mean_pre"}}
+                                     for f in pack["features"]]}
+    (tmp_path / "nomean.json").write_text(json.dumps(stripped))
+    with pytest.raises(RecipeError, match=r"sasft_pack=.*no mean_pre.*sasft_alpha: zero"):
+        demo_plan(world, tmp_path, "sasft.yaml", overrides=["--sasft_pack", str(tmp_path / "nomean.json")])
+    assert demo_plan(world, tmp_path, "sasft.yaml", overrides=["--sasft_pack", str(tmp_path / "nomean.json"),
+                                                               "--sasft_alpha", "zero"])["packs"]
+
+
+def test_dry_run_refuses_no_reward_funcs(world, pack_files, tmp_path):
+    values = yaml.safe_load((RECIPES / "grpo_code_switch.yaml").read_text())
+    values.pop("reward_funcs", None)
+    values.pop("reward_kwargs", None)
+    values.pop("reward_weights", None)
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(values))
+    with pytest.raises(RecipeError, match="reward_funcs is empty"):
+        plan(parse_recipe(str(tmp_path / "r.yaml"), ["--demo_world", str(world.path)], dry_run=True))
+
+
+def test_dry_run_offline_says_what_must_be_downloaded_and_how(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    result = plan(parse_recipe(str(REAL), dry_run=True), processes=8)
+    if result["sae"]["status"] == "download at start":
+        assert {"what": "sae", "repo": result["sae"]["repo_id"],
+                "command": f"hf download {result['sae']['repo_id']} {result['sae']['file']}"} in \
+            result["offline_downloads"]
+    assert cli_main(["train", "--config", str(REAL), "--dry-run"]) == 1
+    out = capsys.readouterr().out
+    assert "OFFLINE  HF_HUB_OFFLINE is set" in out and "pre-download it where there is network: hf download" in out
+
+
+def test_resume_from_checkpoint_is_checked_by_the_dry_run(world, pack_files, tmp_path):
+    with pytest.raises(RecipeError, match="resume_from_checkpoint=True: no checkpoint-<step> folder"):
+        demo_plan(world, tmp_path, overrides=["--resume_from_checkpoint", "true"])
+    (tmp_path / "out" / "checkpoint-2").mkdir(parents=True)
+    (tmp_path / "out" / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    (tmp_path / "out" / "checkpoint-4").mkdir()
+    with pytest.raises(RecipeError, match=r"checkpoint-4 is incomplete.*checkpoint-2, the last complete one"):
+        demo_plan(world, tmp_path, overrides=["--resume_from_checkpoint", "true"])
+    shutil_rm = __import__("shutil").rmtree
+    shutil_rm(tmp_path / "out" / "checkpoint-4")
+    assert demo_plan(world, tmp_path, overrides=["--resume_from_checkpoint", "true"])["resume_from"].endswith(
+        "checkpoint-2")

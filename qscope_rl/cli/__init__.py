@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import sys
+
+from .errors import DEBUG_FLAG, run, split_debug
 
 # Each module defines `register(subparsers)`; its parsers set `func(args) -> int | None`.
 COMMAND_MODULES = ("qscope_rl.cli.sae", "qscope_rl.cli.world", "qscope_rl.cli.features", "qscope_rl.cli.utilities",
@@ -16,7 +19,8 @@ COMMAND_MODULES = ("qscope_rl.cli.sae", "qscope_rl.cli.world", "qscope_rl.cli.fe
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="qscope-rl", description="Sparse-autoencoder features in TRL post-training."
+        prog="qscope-rl", description="Sparse-autoencoder features in TRL post-training.",
+        epilog=f"{DEBUG_FLAG} (anywhere on the line, or QSCOPE_RL_DEBUG=1): show the traceback of an error.",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
@@ -25,10 +29,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; a known error is one ``error: ...`` line on stderr and exit status 1 (see `errors`)."""
+    argv, debug = split_debug(list(sys.argv[1:] if argv is None else argv))
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    args.debug = debug
+    return run(args.func, args, debug)
 

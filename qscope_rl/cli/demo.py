@@ -8,6 +8,8 @@ import sys
 
 from qscope_rl.world import SIZES
 
+from .errors import check_writable, non_negative_int, positive_int
+
 DEFAULT_OUT = "qscope-rl-demo"
 
 
@@ -21,9 +23,10 @@ def register(subparsers) -> None:
     parser.add_argument("--quick", action="store_true", help="smoke run: test-size world, one seed, 3 steps")
     parser.add_argument("--world", default=None, help=f"world size {list(SIZES)} or a built world's folder "
                         "(default: default; test with --quick)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default: 0 1 2; 0 with --quick)")
+    parser.add_argument("--seeds", type=non_negative_int, nargs="+", default=None,
+                        help="seeds (default: 0 1 2; 0 with --quick)")
     parser.add_argument("--arms", default=None, help="which arms, e.g. 'ad' (default: abcdef)")
-    parser.add_argument("--steps", type=int, default=None, help="GRPO steps per run")
+    parser.add_argument("--steps", type=positive_int, default=None, help="GRPO steps per run")
     parser.add_argument("--out", default=DEFAULT_OUT, help="report folder (default: %(default)s)")
     parser.add_argument("--cache-dir", default=None, help="world cache root (default: $QSCOPE_RL_CACHE, else "
                         "~/.cache/qscope-rl)")
@@ -39,6 +42,7 @@ def _demo(args: argparse.Namespace) -> int:
         "size": args.world, "seeds": tuple(args.seeds) if args.seeds else None,
         "arms": tuple(args.arms) if args.arms else None, "max_steps": args.steps, "cache_dir": args.cache_dir,
     }.items() if v is not None}  # fmt: skip
+    check_writable(args.out, "--out", folder=True)
     try:
         settings = DemoSettings.quick(**overrides) if args.quick else DemoSettings(**overrides)
     except ValueError as err:

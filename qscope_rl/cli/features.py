@@ -12,6 +12,7 @@ import random
 from pathlib import Path
 
 from .common import print_json, read_records
+from .errors import check_writable, device, non_negative_int, positive_int
 
 METHODS = ("language", "repetition", "contrastive")
 
@@ -22,10 +23,10 @@ def register(subparsers) -> None:
     discover = sub.add_parser("discover", help="find language / repetition / contrastive features")
     discover.add_argument("method", choices=METHODS)
     _add_source_arguments(discover)
-    discover.add_argument("--top-k", type=int, default=16, help="features to keep")
-    discover.add_argument("--batch-size", type=int, default=16)
+    discover.add_argument("--top-k", type=positive_int, default=16, help="features to keep")
+    discover.add_argument("--batch-size", type=positive_int, default=16)
     discover.add_argument("--rank-by", choices=("p_fire", "mean_diff"), default="p_fire", help="contrastive only")
-    discover.add_argument("--seed", type=int, default=0)
+    discover.add_argument("--seed", type=non_negative_int, default=0)
     discover.add_argument("--out", default=None,
                           help="pack JSON to write (language: a folder, one language-<lang>.json per language)")
     discover.add_argument("--json", action="store_true", help="print the pack(s) as JSON instead of a table")
@@ -34,11 +35,11 @@ def register(subparsers) -> None:
     probe = sub.add_parser("probe", help="fit a logistic probe on the SAE features of texts' tails, positive vs "
                            "negative, and report its AUROC on held-out texts")
     _add_source_arguments(probe)
-    probe.add_argument("--last", type=int, default=24, help="tokens at the end of each text the probe reads")
+    probe.add_argument("--last", type=positive_int, default=24, help="tokens at the end of each text the probe reads")
     probe.add_argument("--holdout", type=float, default=0.2, help="share of each group held out for the AUROC")
     probe.add_argument("--C", type=float, default=1.0, help="inverse L2 strength of the logistic regression")
-    probe.add_argument("--batch-size", type=int, default=16)
-    probe.add_argument("--seed", type=int, default=0)
+    probe.add_argument("--batch-size", type=positive_int, default=16)
+    probe.add_argument("--seed", type=non_negative_int, default=0)
     probe.add_argument("--out", default=None, help="probe file to write (.safetensors)")
     probe.add_argument("--json", action="store_true", help="print the result as JSON")
     probe.set_defaults(func=_probe, method="contrastive")
@@ -50,8 +51,8 @@ def _add_source_arguments(parser) -> None:
     source.add_argument("--world", default="test", help="demo world size when --model is not given")
     source.add_argument("--model", default=None, help="HF model path or id (then --sae and --layer are needed)")
     source.add_argument("--sae", default=None, help="SAE folder / file / Hub repo (see `qscope-rl sae-info`)")
-    source.add_argument("--layer", type=int, default=None, help="decoder layer of the SAE (0-based)")
-    source.add_argument("--device", default=None, help="torch device for model and SAE (default: cpu)")
+    source.add_argument("--layer", type=non_negative_int, default=None, help="decoder layer of the SAE (0-based)")
+    source.add_argument("--device", type=device, default=None, help="torch device for model and SAE (default: cpu)")
     texts = parser.add_argument_group("texts (default: the world's training documents)")
     texts.add_argument("--texts", default=None,
                        help="language: JSONL with text+lang; repetition: JSONL with text, or plain text lines")
@@ -59,7 +60,8 @@ def _add_source_arguments(parser) -> None:
     texts.add_argument("--negative", default=None, help="contrastive / probe: negative texts (JSONL or lines)")
     texts.add_argument("--target", default="switch",
                        help="contrastive / probe on the world: 'switch', 'loop' (vs clean documents) or a topic name")
-    texts.add_argument("--max-texts", type=int, default=2000, help="at most this many texts per group (seeded)")
+    texts.add_argument("--max-texts", type=positive_int, default=2000,
+                       help="at most this many texts per group (seeded)")
 
 
 def read_texts(path: str, with_lang: bool = False) -> list:
@@ -113,7 +115,7 @@ def _file_texts(args) -> dict:
             raise SystemExit("error: repetition discovery with --model needs --texts")
         return {"texts": _cap(read_texts(args.texts), args.max_texts, args.seed)}
     if not (args.positive and args.negative):
-        raise SystemExit("error: contrastive discovery with --model needs --positive and --negative")
+        raise SystemExit("error: contrastive discovery and probes on files need both --positive and --negative")
     return {"positive": _cap(read_texts(args.positive), args.max_texts, args.seed),
             "negative": _cap(read_texts(args.negative), args.max_texts, args.seed),
             "name": f"contrastive-{Path(args.positive).stem}"}
@@ -126,12 +128,14 @@ def _load(args):
     if args.model is None:
         from qscope_rl.world import load_world
 
+        files = _file_texts(args) if _gives_files(args) else None  # given files beat the world's documents
         world = load_world(args.world)
         sae = load_sae(world.sae_dir, layer=world.layer, device=args.device)
         model = world.model.to(args.device) if args.device else world.model
-        return model, world.tokenizer, sae, _world_texts(world, args), f"qscope-world-{args.world}"
+        return model, world.tokenizer, sae, files or _world_texts(world, args), f"qscope-world-{args.world}"
     if args.sae is None or args.layer is None:
         raise SystemExit("error: --model needs --sae and --layer")
+    texts = _file_texts(args)  # read (and checked) before the model loads
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
@@ -139,7 +143,13 @@ def _load(args):
     if args.device:
         model = model.to(args.device)
     sae = load_sae(args.sae, layer=args.layer, device=args.device)
-    return model, tokenizer, sae, _file_texts(args), args.model
+    return model, tokenizer, sae, texts, args.model
+
+
+def _gives_files(args) -> bool:
+    if args.method in ("language", "repetition"):
+        return bool(args.texts)
+    return bool(args.positive or args.negative)
 
 
 def _discover(args) -> int:
@@ -149,6 +159,7 @@ def _discover(args) -> int:
         discover_repetition_features,
     )
 
+    check_writable(args.out, "--out", folder=args.method == "language")  # before the discovery, not after
     model, tokenizer, sae, texts, model_name = _load(args)
     common = dict(top_k=args.top_k, batch_size=args.batch_size, layer=args.layer if args.model else None,
                   model_name=model_name)
@@ -185,6 +196,7 @@ def _probe(args) -> int:
 
     if not 0.0 < args.holdout < 1.0:
         raise SystemExit(f"error: --holdout must be in (0, 1), got {args.holdout}")
+    check_writable(args.out, "--out")
     model, tokenizer, sae, texts, model_name = _load(args)
     split = {}
     for group in ("positive", "negative"):

@@ -6,6 +6,7 @@ from qscope_rl.sae.loaders import load_sae
 from qscope_rl.sae.releases import QWEN_SCOPE_RELEASES
 
 from .common import print_json
+from .errors import non_negative_int, positive_int
 
 
 def register(subparsers) -> None:
@@ -15,8 +16,8 @@ def register(subparsers) -> None:
 
     info = subparsers.add_parser("sae-info", help="load an SAE and print its shape and statistics")
     info.add_argument("source", help="local folder/file, Hub repo id, or model name")
-    info.add_argument("--layer", type=int, default=None)
-    info.add_argument("--k", type=int, default=None)
+    info.add_argument("--layer", type=non_negative_int, default=None)
+    info.add_argument("--k", type=positive_int, default=None)
     info.add_argument("--json", action="store_true")
     info.set_defaults(func=_sae_info)
 

@@ -21,4 +21,4 @@ def register(subparsers) -> None:
 def _train(args) -> int:
     from qscope_rl.trainers.launch import main
 
-    return main(args.argv)
+    return main(args.argv + (["--debug"] if getattr(args, "debug", False) else []))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import random
 
 from .common import LoadedSources, add_source_args, fail, print_json, read_records
+from .errors import check_writable, counts, non_negative_float, positive_int
 
 
 def register(subparsers) -> None:
@@ -37,7 +38,7 @@ def _register_steer(subparsers) -> None:
                       help="feature pack JSON; on the world also 'zh', 'en', 'repetition' or 'topic:<name>'")
     what.add_argument("--strength", default=None,
                       help="strength for the pack's features; negative values need '=': --strength=-medium")
-    what.add_argument("--top", type=int, default=8, help="use the pack's first N features (default 8)")
+    what.add_argument("--top", type=positive_int, default=8, help="use the pack's first N features (default 8)")
     what.add_argument("--mode", choices=("add", "clamp", "conditional"), default="add",
                       help="add: h + alpha d; clamp: set the feature's activation to the strength; conditional: "
                            "scale the feature's decoded contribution by the strength where it fires (0 removes it)")
@@ -47,9 +48,9 @@ def _register_steer(subparsers) -> None:
     gen.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     gen.add_argument("--prompts", default=None, help="file of prompts (JSONL text or lines)")
     gen.add_argument("--lang", default="en", help="world prompts: language (en / zh)")
-    gen.add_argument("-n", "--n-prompts", type=int, default=32, help="world prompts: how many")
-    gen.add_argument("--max-new-tokens", type=int, default=48)
-    gen.add_argument("--temperature", type=float, default=1.0)
+    gen.add_argument("-n", "--n-prompts", type=positive_int, default=32, help="world prompts: how many")
+    gen.add_argument("--max-new-tokens", type=positive_int, default=48)
+    gen.add_argument("--temperature", type=non_negative_float, default=1.0, help="0 = greedy")
     gen.add_argument("--sweep", default=None, help="comma-separated strengths for the pack, e.g. "
                                                    "--sweep=-light,-medium,-strong (world: a metrics-vs-strength plot)")
     p.set_defaults(func=_steer)
@@ -111,11 +112,14 @@ def _steer(args) -> int:
     from qscope_rl.demo.measures import plot_steering_sweep, steering_metrics
     from qscope_rl.tools.steered_generation import generate, steer
 
+    empty = [i for i, text in enumerate(args.prompt, 1) if not text.strip()]
+    if empty:
+        raise SystemExit(f"error: --prompt number {empty[0]} is empty")
+    texts = list(args.prompt) + ([r["text"] for r in read_records(args.prompts)] if args.prompts else [])
     loaded = LoadedSources(args)
     pack = _load_pack(loaded, args.pack, args.seed) if args.pack else None
     runs = _strength_maps(args, loaded, pack)
     prompt_objs = None
-    texts = list(args.prompt) + ([r["text"] for r in read_records(args.prompts)] if args.prompts else [])
     if not texts:
         if loaded.world is None:
             raise SystemExit("error: with --model give --prompt or --prompts")
@@ -123,7 +127,10 @@ def _steer(args) -> int:
         texts = [p.text for p in prompt_objs]
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
     target = args.pack.split(":", 1)[1] if args.pack and args.pack.startswith("topic:") else None
-    results = {"unsteered": {"completions": generate(loaded.model, loaded.tokenizer, texts, **kw)}}
+    try:
+        results = {"unsteered": {"completions": generate(loaded.model, loaded.tokenizer, texts, **kw)}}
+    except ValueError as err:
+        raise fail(err) from err
     for label, alphas in runs:
         try:
             with steer(loaded.model, loaded.sae, alphas, mode=args.mode, positions=_positions(args.positions)):
@@ -158,22 +165,25 @@ def _register_classify(subparsers) -> None:
                         "macro-F1 vs seed count against dense and TF-IDF probes")
     add_source_args(p)
     p.add_argument("--kind", choices=("rule", "logistic"), default="rule")
-    p.add_argument("--top-k", type=int, default=None, help="rule: features per class (default: chosen in 1..10)")
+    p.add_argument("--top-k", type=positive_int, default=None,
+                   help="rule: features per class (default: chosen in 1..10)")
     p.add_argument("--threshold", choices=("zero", "seed"), default="zero",
                    help="rule: a feature fires when its max activation is > 0 (zero, the Qwen-Scope rule) or > a "
                         "cut chosen per feature on the seeds (seed)")
     p.add_argument("--texts", default=None, help="fit: JSONL with text and label; predict: texts (JSONL or lines)")
     p.add_argument("--classifier", default=None, help="classifier file (.safetensors) to write (fit) or read")
-    p.add_argument("--seeds-per-class", default="4,16,64",
+    p.add_argument("--seeds-per-class", type=counts, default="4,16,64",
                    help="eval: seed counts (comma-separated); fit on the world: the first is used")
-    p.add_argument("--repeats", type=int, default=3, help="eval: seed draws averaged per count")
-    p.add_argument("--n-test", type=int, default=400, help="eval: held-out documents to score")
+    p.add_argument("--repeats", type=positive_int, default=3, help="eval: seed draws averaged per count")
+    p.add_argument("--n-test", type=positive_int, default=400, help="eval: held-out documents to score")
     p.set_defaults(func=_classify)
 
 
 def _classify(args) -> int:
     from qscope_rl.tools.classify import ClassifierError, FeatureClassifier, fit_classifier
 
+    if args.action == "fit":
+        check_writable(args.classifier, "--classifier")
     loaded = LoadedSources(args)
     try:
         if args.action == "fit":
@@ -202,7 +212,7 @@ def _classify_fit(args, loaded, fit_classifier) -> int:
             raise SystemExit(f"error: {args.texts}: every line needs a 'label' field to fit on")
         texts, labels = [r["text"] for r in rows], [str(r["label"]) for r in rows]
     elif loaded.world is not None:
-        n = int(args.seeds_per_class.split(",")[0])
+        n = args.seeds_per_class[0]
         docs, rng = loaded.world.documents("train"), random.Random(args.seed)
         chosen = [d for t in loaded.world.topics for d in rng.sample([d for d in docs if d.topic == t], n)]
         texts, labels = [d.text for d in chosen], [d.topic for d in chosen]
@@ -231,7 +241,7 @@ def _classify_eval(args, loaded) -> int:
 
     if loaded.world is None:
         raise SystemExit("error: classify eval runs on the demo world (it needs ground-truth labels)")
-    seeds = [int(x) for x in args.seeds_per_class.split(",")]
+    seeds = list(args.seeds_per_class)
     curve, n_train, n_test = world_classify_curve(loaded.world, loaded.sae, seeds, args.repeats, args.n_test,
                                                   args.seed)
     if args.plot:
@@ -251,7 +261,7 @@ def _register_synthesize(subparsers) -> None:
     add_source_args(p)
     p.add_argument("--dataset", default=None, help="the dataset (JSONL text or lines); world: --dataset-size "
                                                    "random training documents")
-    p.add_argument("--dataset-size", type=int, default=64)
+    p.add_argument("--dataset-size", type=positive_int, default=64)
     p.add_argument("--reference", default=None, help="texts of the domain (contexts, typical activations, and "
                                                      "with --domain alive the features to aim at); world: "
                                                      "held-out documents")
@@ -259,9 +269,9 @@ def _register_synthesize(subparsers) -> None:
     p.add_argument("--domain", default="alive",
                    help="'alive': features that fire on the reference texts; or a feature pack JSON; or 'all'")
     p.add_argument("--strategy", choices=("context", "steer", "both"), default="both")
-    p.add_argument("--per-target", type=int, default=4, help="at most this many candidates per target")
+    p.add_argument("--per-target", type=positive_int, default=4, help="at most this many candidates per target")
     p.add_argument("--strength", type=float, default=4.0, help="steer: alpha = strength x typical activation")
-    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--max-new-tokens", type=positive_int, default=48)
     p.add_argument("--unguided", action="store_true", help="also run plain sampling at the same budget")
     p.add_argument("--out", default=None, help="write the kept texts here as JSONL (datasets format)")
     p.set_defaults(func=_synthesize)
@@ -271,6 +281,7 @@ def _synthesize(args) -> int:
     from qscope_rl.features.feature_pack import FeaturePack
     from qscope_rl.tools.synthesize import feature_coverage, plot_synthesis, synthesize, target_features, unguided
 
+    check_writable(args.out, "--out")
     loaded = LoadedSources(args)
     m, tok, sae, world = loaded.model, loaded.tokenizer, loaded.sae, loaded.world
     rng = random.Random(args.seed)
@@ -332,7 +343,7 @@ def _register_redundancy(subparsers) -> None:
     p.add_argument("--benchmark", action="append", default=[], metavar="NAME=FILE",
                    help="a benchmark's texts (JSONL text or lines); repeatable. World default: six topic-subset "
                         "benchmarks with known overlap")
-    p.add_argument("--per-topic", type=int, default=12, help="world benchmarks: documents per topic")
+    p.add_argument("--per-topic", type=positive_int, default=12, help="world benchmarks: documents per topic")
     p.set_defaults(func=_redundancy)
 
 
@@ -340,15 +351,19 @@ def _redundancy(args) -> int:
     from qscope_rl.demo.measures import demo_benchmarks, overlap_spearman
     from qscope_rl.tools.redundancy import compare_benchmarks
 
+    given: dict[str, str] = {}
+    for item in args.benchmark:  # checked before the model loads
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"error: --benchmark {item!r}: expected NAME=FILE")
+        if name in given:
+            raise SystemExit(f"error: --benchmark {name!r} is given twice ({given[name]} and {path}); give each "
+                             f"benchmark its own name")
+        given[name] = path
     loaded = LoadedSources(args)
     truth = None
-    if args.benchmark:
-        benchmarks = {}
-        for item in args.benchmark:
-            name, sep, path = item.partition("=")
-            if not sep:
-                raise SystemExit(f"error: --benchmark {item!r}: expected NAME=FILE")
-            benchmarks[name] = [r["text"] for r in read_records(path)]
+    if given:
+        benchmarks = {name: [r["text"] for r in read_records(path)] for name, path in given.items()}
     elif loaded.world is not None:
         benchmarks, truth = demo_benchmarks(loaded.world, args.per_topic, args.seed)
     else:

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from qscope_rl.hooks import ForwardToLayer
 from qscope_rl.sae.autoencoder import SparseActs, SparseAutoencoder
+from qscope_rl.sae.identity import sae_digest
 
 from .feature_pack import Feature, FeaturePack, texts_sha256
 
@@ -164,7 +165,7 @@ def _pack(name, method, model, sae, layer, ids, scores, stats, label, data, mode
     features = [Feature(int(i), f"{label}-{int(i)}", float(scores[i]), s) for i, s in zip(ids, stats)]
     return FeaturePack(name=name, method=method, model=_model_name(model, model_name),
                        sae_source=str(sae.source or ""), layer=layer, d_sae=sae.d_sae, d_in=sae.d_in,
-                       features=features, data=data)
+                       features=features, data=data, sae_digest=sae_digest(sae))
 
 
 def _check_texts(texts, what: str) -> list[str]:

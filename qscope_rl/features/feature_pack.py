@@ -1,6 +1,7 @@
 """A feature pack: SAE features found for one purpose, with the statistics and provenance to reuse them.
 
-A pack names the SAE it was found on (source, layer, d_sae, d_in), the method ("language", "repetition",
+A pack names the SAE it was found on (source, layer, d_sae, d_in, and ``sae_digest``, the identity digest of its
+weights: `qscope_rl.sae.identity`), the method ("language", "repetition",
 "contrastive"), its features ranked best first, and what they were found on (``data``: counts, the
 sha256 of the texts, the target, the parameters). Packs are JSON files so that a run can be audited
 and a trainer can refuse a pack from another SAE (``check_compatible``).
@@ -12,12 +13,15 @@ import hashlib
 import json
 import math
 import os
+import warnings
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from qscope_rl.sae.identity import sae_digest
 
 FORMAT = "qscope-rl/feature-pack"
 FORMAT_VERSION = 1
@@ -56,6 +60,7 @@ class FeaturePack:
     d_in: int
     features: list[Feature]
     data: dict = field(default_factory=dict)
+    sae_digest: str | None = None  # identity of the SAE's weights; None in packs written before it was recorded
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -91,9 +96,11 @@ class FeaturePack:
         return FeaturePack(**{**self._fields(), "features": list(self.features[:n]), "data": dict(self.data)})
 
     def check_compatible(self, sae, layer: int | None = None) -> None:
-        """Raise a ValueError naming every mismatch between this pack and ``sae`` (d_sae, d_in, layer).
+        """Raise a ValueError naming every mismatch between this pack and ``sae`` (d_sae, d_in, layer, and the
+        SAE's identity digest: another SAE of the same shape is refused too).
 
-        ``layer`` defaults to ``sae.layer``; a pack's layer is checked only when one of them is known.
+        ``layer`` defaults to ``sae.layer``; a pack's layer is checked only when one of them is known. A pack that
+        records no digest (older qscope-rl) is checked on shapes and layer only, with a warning.
         """
         layer = sae.layer if layer is None else layer
         problems = []
@@ -103,11 +110,17 @@ class FeaturePack:
             problems.append(f"d_in {self.d_in} != {sae.d_in}")
         if layer is not None and layer != self.layer:
             problems.append(f"layer {self.layer} != {layer}")
+        if not problems and self.sae_digest is not None and self.sae_digest != sae_digest(sae):
+            problems.append(f"SAE digest {self.sae_digest} != {sae_digest(sae)} (same shape, other weights)")
         if problems:
             raise FeaturePackError(
                 f"feature pack {self.name!r} is from another SAE ({self.sae_source!r}, layer {self.layer}): "
-                f"pack vs SAE {', '.join(problems)}"
+                f"pack vs SAE {', '.join(problems)}; rediscover it on this SAE (`qscope-rl features discover`)"
             )
+        if self.sae_digest is None:
+            warnings.warn(f"feature pack {self.name!r} records no SAE digest (written by an older qscope-rl): only "
+                          f"its shape and layer were checked against the SAE; rediscover it to record one",
+                          UserWarning, stacklevel=2)
 
     # -- JSON -----------------------------------------------------------------------------------------
 
@@ -118,7 +131,14 @@ class FeaturePack:
     def save(self, path: str | os.PathLike) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=1, ensure_ascii=False, allow_nan=False) + "\n")
+        # temporary file + rename: a kill mid-write never leaves a truncated pack that is then trusted
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            tmp.write_text(json.dumps(self.to_dict(), indent=1, ensure_ascii=False, allow_nan=False) + "\n",
+                           encoding="utf-8")
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
         return path
 
     @classmethod
@@ -137,7 +157,10 @@ class FeaturePack:
                 raise FeaturePackError(f"{where}: field {key!r} must be {kind.__name__}, "
                                        f"got {type(d[key]).__name__}")
         features = [_feature_from_dict(f, f"{where}: features[{i}]") for i, f in enumerate(d["features"])]
-        return cls(**{key: d[key] for key in schema if key != "features"}, features=features)
+        digest = d.get("sae_digest")
+        if digest is not None and not isinstance(digest, str):
+            raise FeaturePackError(f"{where}: field 'sae_digest' must be a string, got {type(digest).__name__}")
+        return cls(**{key: d[key] for key in schema if key != "features"}, features=features, sae_digest=digest)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> FeaturePack:
@@ -145,14 +168,19 @@ class FeaturePack:
         if not path.is_file():
             raise FeaturePackError(f"feature pack {path} does not exist")
         try:
-            d = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise FeaturePackError(f"feature pack {path} is not valid JSON ({err})") from err
+            d = json.loads(path.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as err:
+            raise FeaturePackError(f"feature pack {path} is not UTF-8 text (a binary file?): {err}") from err
+        except json.JSONDecodeError as err:
+            raise FeaturePackError(f"feature pack {path} is not valid JSON ({err}): a truncated or corrupt "
+                                   f"file; rediscover it") from err
+        except OSError as err:
+            raise FeaturePackError(f"could not read feature pack {path}: {err}") from err
         return cls.from_dict(d, where=f"feature pack {path}")
 
     def _fields(self) -> dict:
         return dict(name=self.name, method=self.method, model=self.model, sae_source=self.sae_source,
-                    layer=self.layer, d_sae=self.d_sae, d_in=self.d_in)
+                    layer=self.layer, d_sae=self.d_sae, d_in=self.d_in, sae_digest=self.sae_digest)
 
 
 def _feature_from_dict(d, where: str) -> Feature:

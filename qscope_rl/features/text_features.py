@@ -12,7 +12,6 @@ layer, sparse-encodes every real token and pools per text:
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -22,6 +21,7 @@ from tqdm.auto import tqdm
 
 from qscope_rl.hooks import ForwardToLayer
 from qscope_rl.sae.autoencoder import SparseActs, SparseAutoencoder
+from qscope_rl.sae.identity import sae_digest
 
 
 class TextFeatures(NamedTuple):
@@ -113,8 +113,5 @@ def encode_texts(model: nn.Module, tokenizer, sae: SparseAutoencoder, texts: Seq
 
 
 def sae_fingerprint(sae: SparseAutoencoder) -> str:
-    """A short digest identifying an SAE's weights (biases and one encoder column): tells SAEs apart cheaply."""
-    digest = hashlib.sha256(f"{sae.architecture}:{sae.d_in}:{sae.d_sae}:{sae.k}".encode())
-    for t in (sae.b_enc, sae.b_dec, sae.W_enc[:, 0], sae.W_dec[:, 0]):
-        digest.update(t.detach().float().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
+    """A short digest identifying an SAE's weights (see `qscope_rl.sae.identity`): tells SAEs apart cheaply."""
+    return sae_digest(sae)

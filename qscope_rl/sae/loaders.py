@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 from .autoencoder import SparseAutoencoder
+from .identity import remember_digest
 from .releases import Release, find_release, parse_repo_name, release_for_repo
 
 _LAYER_FILE = re.compile(r"layer(\d+)\.sae\.pt$")
@@ -47,6 +48,7 @@ def load_sae(
     or a model name with a Qwen-Scope release (``Qwen/Qwen3-1.7B``; the k=50 release unless ``k`` is
     given). ``k`` overrides the format's k (for TopK) or caps the width of ``encode_sparse`` (others).
     """
+    _check_k(k)
     path = Path(os.fspath(source)).expanduser()
     if path.exists():
         sae = _load_local(path, layer, k)
@@ -54,9 +56,15 @@ def load_sae(
         raise SAELoadError(f"SAE path {str(source)!r} does not exist")
     else:
         sae = _load_hub(str(source), layer, k)
+    remember_digest(sae)  # before any dtype cast: the identity packs and checkpoints record
     if dtype is not None or device is not None:
         sae = sae.to(device=device, dtype=dtype)
     return sae.requires_grad_(False).eval()
+
+
+def _check_k(k) -> None:
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+        raise SAELoadError(f"k={k!r}: k must be a positive integer (or None for the format's own k)")
 
 
 def _looks_like_path(source: str) -> bool:
@@ -76,7 +84,7 @@ def _load_local(path: Path, layer: int | None, k: int | None) -> SparseAutoencod
         file_layer = int(match[1])
         if layer is not None and layer != file_layer:
             raise SAELoadError(f"{path} holds layer {file_layer}, but layer {layer} was asked for")
-        return _load_qwen_scope_file(path, file_layer, k or _k_from_name(path.parent.name), str(path))
+        return _load_qwen_scope_file(path, file_layer, _given(k, _k_from_name(path.parent.name)), str(path))
     layer_files = {int(m[1]): p for p in path.iterdir() if (m := _LAYER_FILE.search(p.name))}
     if layer_files:
         return _load_qwen_scope_folder(path, layer_files, layer, k)
@@ -97,6 +105,11 @@ def _load_local(path: Path, layer: int | None, k: int | None) -> SparseAutoencod
     )
 
 
+def _given(value, default):
+    """``value`` unless it is None: 0 is a value (and refused where it is not legal), not "not given"."""
+    return default if value is None else value
+
+
 def _k_from_name(name: str) -> int | None:
     parsed = parse_repo_name(name)
     return parsed[2] if parsed else None
@@ -109,7 +122,7 @@ def _load_qwen_scope_folder(path: Path, files: dict[int, Path], layer: int | Non
         layer = next(iter(files))
     if layer not in files:
         raise SAELoadError(f"{path} has no layer{layer}.sae.pt; it has layers {sorted(files)}")
-    k = k or _k_from_name(path.name)
+    k = _given(k, _k_from_name(path.name))
     return _load_qwen_scope_file(files[layer], layer, k, str(path))
 
 
@@ -139,6 +152,13 @@ def _torch_load_tensors(file: Path) -> dict[str, torch.Tensor]:
 
 
 def _from_weights(weights, source, **kwargs) -> SparseAutoencoder:
+    # Integer or bool tensors would make an SAE whose activations round to 0: refuse them.
+    for name, tensor in weights.items():
+        if not tensor.is_floating_point():
+            raise SAELoadError(f"bad SAE weights in {source}: {name} has dtype {tensor.dtype}; SAE weights must be "
+                               f"floating-point (float32 / bfloat16 / float16)")
+    if kwargs.get("k") is not None:
+        _check_int(source, "k", kwargs["k"])
     try:
         return SparseAutoencoder.from_weights(weights, source=source, **kwargs)
     except ValueError as err:
@@ -153,15 +173,44 @@ def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
 
 
 def _load_cfg_folder(path: Path, layer: int | None, k: int | None) -> SparseAutoencoder:
-    try:
-        cfg = json.loads((path / "cfg.json").read_text())
-    except json.JSONDecodeError as err:
-        raise SAELoadError(f"{path / 'cfg.json'} is not valid JSON: {err}") from err
+    cfg = _read_cfg(path / "cfg.json")
     if (path / "sae_weights.safetensors").exists():
         return _from_saelens(path, cfg, layer, k)
     if (path / "sae.safetensors").exists():
         return _from_sparsify(path, cfg, layer, k)
     raise SAELoadError(f"{path} has cfg.json but neither sae_weights.safetensors (SAELens) nor sae.safetensors")
+
+
+_CFG_INTS = ("d_in", "d_sae", "k")
+
+
+def _read_cfg(file: Path) -> dict:
+    """cfg.json as a dict, its size fields checked to be integers; errors name the file and the field."""
+    try:
+        cfg = json.loads(file.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise SAELoadError(f"{file} is not UTF-8 text (a binary or mis-encoded file?): {err}") from err
+    except json.JSONDecodeError as err:
+        raise SAELoadError(f"{file} is not valid JSON: {err}") from err
+    except OSError as err:
+        raise SAELoadError(f"could not read {file}: {err}") from err
+    if not isinstance(cfg, dict):
+        raise SAELoadError(f"{file} must hold a JSON object, got {type(cfg).__name__}")
+    for name in _CFG_INTS:
+        if cfg.get(name) is not None:
+            _check_int(file, name, cfg[name])
+    kwargs = cfg.get("activation_fn_kwargs")
+    if isinstance(kwargs, dict) and kwargs.get("k") is not None:
+        _check_int(file, "activation_fn_kwargs.k", kwargs["k"])
+    return cfg
+
+
+def _check_int(where, name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        got = f"the string {value!r}" if isinstance(value, str) else f"{value!r} ({type(value).__name__})"
+        raise SAELoadError(f"{where}: field {name!r} must be an integer, got {got}")
+    if name.endswith("k") and value < 1:
+        raise SAELoadError(f"{where}: k={value}: k must be a positive integer")
 
 
 def _check_layer(path: Path, hook_layer: int | None, layer: int | None) -> int | None:
@@ -178,7 +227,7 @@ def _from_saelens(path: Path, cfg: dict, layer: int | None, k: int | None) -> Sp
     # SAELens < 6 wrote topk SAEs as "standard" with activation_fn_str="topk".
     if architecture == "standard" and cfg.get("activation_fn_str") == "topk":
         architecture = "topk"
-        k = k or (cfg.get("activation_fn_kwargs") or {}).get("k")
+        k = _given(k, (cfg.get("activation_fn_kwargs") or {}).get("k"))
     names = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu"}
     if architecture not in names:
         raise SAELoadError(f"{path}: SAELens architecture {architecture!r} is not supported; "
@@ -188,7 +237,7 @@ def _from_saelens(path: Path, cfg: dict, layer: int | None, k: int | None) -> Sp
         raise SAELoadError(f"{path}: normalize_activations={norm!r} is not supported (only 'none')")
     if cfg.get("rescale_acts_by_decoder_norm"):
         raise SAELoadError(f"{path}: rescale_acts_by_decoder_norm=True is not supported")
-    k = k or cfg.get("k")
+    k = _given(k, cfg.get("k"))
     raw = _read_safetensors(path / "sae_weights.safetensors")
     if "W_enc" not in raw or "W_dec" not in raw:
         raise SAELoadError(f"{path}: sae_weights.safetensors lacks W_enc/W_dec; found {sorted(raw)}")
@@ -232,7 +281,7 @@ def _from_sparsify(path: Path, cfg: dict, layer: int | None, k: int | None) -> S
     # sparsify names SAEs after the hookpoint ("layers.10"): read the layer from the folder name.
     match = _HOOK_LAYER.search(path.name)
     hook_layer = int(match[1]) if match else None
-    return _from_weights(weights, str(path), architecture="topk", k=k or cfg.get("k"),
+    return _from_weights(weights, str(path), architecture="topk", k=_given(k, cfg.get("k")),
                          layer=_check_layer(path, hook_layer, layer), apply_b_dec_to_input=True)
 
 
@@ -266,6 +315,7 @@ class HubSAE:
 def resolve_hub_sae(source: str, layer: int | None, k: int | None = None) -> HubSAE:
     """Map a Hub repo id or model name to its repo and ``layer{L}.sae.pt``, checking the layer against the
     releases table; no download. Raises `SAELoadError` / ValueError on an unknown model or a bad layer."""
+    _check_k(k)
     repo_id = source
     release = release_for_repo(source)
     if release is None and parse_repo_name(source) is None:
@@ -275,7 +325,7 @@ def resolve_hub_sae(source: str, layer: int | None, k: int | None = None) -> Hub
     if layer is None:
         raise SAELoadError(f"{repo_id} holds one SAE per decoder layer: pass layer=")
     filename = release.filename(layer) if release is not None else f"layer{layer}.sae.pt"  # range-checked
-    return HubSAE(repo_id, filename, k or (release.k if release else _k_from_name(repo_id)), release)
+    return HubSAE(repo_id, filename, _given(k, release.k if release else _k_from_name(repo_id)), release)
 
 
 def sae_source_kind(source: str | os.PathLike) -> str:

@@ -89,6 +89,8 @@ def relative_strengths(pack: FeaturePack, strength: float | str, *, top: int | N
 
 def sampling_kwargs(temperature: float) -> dict:
     """`generate` arguments for pure ancestral sampling at `temperature` (0 = greedy): no top-k / top-p."""
+    if not temperature >= 0:  # a negative one would silently decode greedily
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     return dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 \
         else dict(do_sample=False)
 
@@ -101,7 +103,10 @@ def generate(model: nn.Module, tokenizer, prompts: Sequence[str], *, max_new_tok
     an unsteered call with the same seed draw the same random numbers."""
     if isinstance(prompts, str) or not prompts:
         raise ValueError("generate needs a non-empty list of prompts")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     sampling = sampling_kwargs(temperature)
+    _check_context(model, tokenizer, prompts, max_new_tokens)
     side, tokenizer.padding_side = tokenizer.padding_side, "left"  # decoder-only models generate from the left
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -117,6 +122,20 @@ def generate(model: nn.Module, tokenizer, prompts: Sequence[str], *, max_new_tok
     finally:
         tokenizer.padding_side = side
     return out
+
+
+def _check_context(model: nn.Module, tokenizer, prompts: Sequence[str], max_new_tokens: int) -> None:
+    """Refuse prompts that with ``max_new_tokens`` pass the model's context (they would crawl past it, not fail)."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if not isinstance(limit, int):
+        return
+    lengths = [len(ids) for ids in tokenizer(list(prompts))["input_ids"]]
+    too_long = [(i, n) for i, n in enumerate(lengths) if n + max_new_tokens > limit]
+    if too_long:
+        i, n = too_long[0]
+        raise ValueError(f"prompt {i + 1} ({prompts[i][:40]!r}...) is {n} tokens: with max_new_tokens={max_new_tokens} "
+                         f"it passes the model's context of {limit} tokens ({len(too_long)} prompt(s) do); shorten "
+                         f"them or lower max_new_tokens")
 
 
 @torch.no_grad()

@@ -26,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import judges
+from .cache_check import WorldCacheError, check_world, remove_dead_builds
 from .corpus import LANGS, CorpusSpec, build_lexicon, generate_documents
 from .model import LMSpec, eval_loss, make_model, pack_documents, sample, train_lm
 from .sae_training import (
@@ -143,13 +144,24 @@ def build_world(
     recipe = recipe or WorldRecipe.for_size(size)
     final = world_dir(recipe, cache_dir)
     if (final / "stats.json").exists() and not force:
+        check_world(final, recipe.size)  # a corrupt cached file is named with the command that rebuilds it
         return final
-    final.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise WorldCacheError(f"the world {recipe.size} is not in the cache and cannot be built there: "
+                              f"{final.parent}: {err.strerror}; set --cache-dir or QSCOPE_RL_CACHE to a writable "
+                              f"folder") from err
+    remove_dead_builds(final.parent, final.name)
     tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    with deterministic_torch(recipe.threads):
-        stats = _build_into(recipe, tmp)
-    (tmp / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+    try:
+        with deterministic_torch(recipe.threads):
+            stats = _build_into(recipe, tmp)
+        (tmp / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+    except BaseException:  # Ctrl-C or a failure: leave nothing half-built behind (SIGKILL: the next build cleans)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if force:
         shutil.rmtree(final, ignore_errors=True)
     try:

@@ -21,7 +21,7 @@ from qscope_rl.features.discovery import (
     discover_language_features,
     discover_repetition_features,
 )
-from qscope_rl.features.feature_pack import FeaturePack
+from qscope_rl.features.feature_pack import FeaturePack, FeaturePackError
 from qscope_rl.sae.loaders import load_sae
 
 from .world import World
@@ -29,12 +29,18 @@ from .world import World
 PACK_NAMES = ("en", "zh", "repetition", "loop")
 
 
-def world_pack_files(world: World, top_k: int = 16, force: bool = False) -> dict[str, Path]:
-    """Paths of the world's feature packs, discovering and caching them on first use."""
+def world_pack_files(world: World, top_k: int = 16, force: bool = False,
+                     discover: bool = True) -> dict[str, Path] | None:
+    """Paths of the world's feature packs, discovering and caching them on first use (``discover=False``: None
+    instead of discovering). A cached pack that does not load is an error naming it and the fix."""
     folder = world.path / "packs"
     paths = {name: folder / f"{name}.json" for name in PACK_NAMES}
     if not force and all(path.exists() for path in paths.values()):
+        for path in paths.values():
+            _check_cached(path)
         return paths
+    if not discover:
+        return None
     sae = load_sae(world.sae_dir, layer=world.layer)
     clean = [d for d in world.documents("train") if d.switch_char is None and d.loop_char is None]
     texts_by_lang = {lang: [d.text for d in clean if d.lang == lang] for lang in ("en", "zh")}
@@ -53,6 +59,14 @@ def world_pack_files(world: World, top_k: int = 16, force: bool = False) -> dict
     for name, path in paths.items():
         packs[name].save(path)
     return paths
+
+
+def _check_cached(path: Path) -> None:
+    try:
+        FeaturePack.load(path)
+    except FeaturePackError as err:
+        raise FeaturePackError(f"{err}; this cached world pack is rediscovered on next use once you delete {path} "
+                               f"(or rebuild the world: qscope-rl world build --force)") from err
 
 
 def world_packs(world: World, top_k: int = 16) -> dict[str, FeaturePack]:

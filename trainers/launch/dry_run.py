@@ -16,10 +16,20 @@ from pathlib import Path
 
 from qscope_rl.features.classifier import FeatureClassifier
 from qscope_rl.features.feature_pack import FeaturePack
+from qscope_rl.features.text_features import sae_fingerprint
 from qscope_rl.rewards import resolve_reward_func
 from qscope_rl.sae.loaders import SAELoadError, resolve_hub_sae, sae_source_kind
 from qscope_rl.sae.releases import find_release
 
+from .dry_run_checks import (
+    check_batch_sizes,
+    check_model_fits_sae,
+    check_pack_content,
+    check_resume,
+    load_local_sae,
+    model_shape,
+    offline_downloads,
+)
 from .recipe import Recipe, RecipeError
 from .run_args import RL_TRAINERS, resolve_callback, takes_trainer
 from .world_defaults import world_dataset
@@ -28,20 +38,23 @@ from .world_defaults import world_dataset
 def plan(recipe: Recipe, processes: int = 1) -> dict:
     """The resolved run as a JSON-able dict; raises `RecipeError` on anything that would stop it."""
     run, config = recipe.run, recipe.config
-    sae = _sae(recipe)
-    packs, missing = _packs(recipe, sae)
-    probes, missing_probes = _probes(recipe, sae)
+    check_batch_sizes(recipe)
+    model = _model(run.model_name_or_path)
+    sae, sae_module = _sae(recipe)
+    check_model_fits_sae(recipe, model_shape(run.model_name_or_path), sae)
+    packs, missing = _packs(recipe, sae, sae_module)
+    probes, missing_probes = _probes(recipe, sae, sae_module)
     dataset, batch = _dataset(recipe), _batch(recipe, processes)
     if "rows" in dataset and config.max_steps > 0:  # how many passes over the data max_steps makes
         seen = batch.get("prompts_seen", config.max_steps * batch["samples_per_optimizer_step"])
         batch["epochs"] = round(seen / max(dataset["rows"], 1), 3)
-    return {
+    result = {
         "recipe": recipe.source,
         "trainer": recipe.trainer,
         "config_class": recipe.config_class.__name__,
         "trainer_class": recipe.trainer_class.__name__,
         "demo_world": str(recipe.world.path) if recipe.world is not None else None,
-        "model": _model(run.model_name_or_path),
+        "model": model,
         "dataset": dataset,
         "sae": sae,
         "packs": packs,
@@ -52,10 +65,13 @@ def plan(recipe: Recipe, processes: int = 1) -> dict:
                  "target_modules": run.lora_target_modules or "all-linear"} if run.use_peft else None,
         "batch": batch,
         "output_dir": config.output_dir,
+        "resume_from": check_resume(recipe),
         "report_to": _report_to(config),
         "missing_files": missing + missing_probes,
         "notes": list(recipe.notes),
     }
+    result["offline_downloads"] = offline_downloads(result)  # HF_HUB_OFFLINE set, not cached: the run would fail
+    return result
 
 
 def _hub_status(repo_id: str, filename: str, repo_type: str = "model") -> str:
@@ -96,10 +112,11 @@ def _dataset(recipe: Recipe) -> dict:
     return out
 
 
-def _sae(recipe: Recipe) -> dict | None:
+def _sae(recipe: Recipe) -> tuple[dict | None, object]:
+    """The SAE's plan entry, and the SAE itself when it is local (loaded: a corrupt file fails the dry run)."""
     config = recipe.config
     if config.sae_source is None:
-        return None
+        return None, None
     source, layer = str(config.sae_source), config.sae_layer
     kind = sae_source_kind(source)
     if kind == "missing":
@@ -109,7 +126,9 @@ def _sae(recipe: Recipe) -> dict | None:
         layers = sorted(int(p.name[5:-7]) for p in folder.glob("layer*.sae.pt")) if folder.is_dir() else []
         if layers and layer is not None and layer not in layers:
             raise RecipeError(f"sae_layer={layer}: {source} holds SAEs for layers {layers}")
-        return {"source": source, "layer": layer, "status": "local"}
+        sae = load_local_sae(recipe)
+        return {"source": source, "layer": layer if layer is not None else sae.layer, "status": "local",
+                "d_in": sae.d_in, "d_sae": sae.d_sae, "k": sae.k}, sae
     try:
         hub = resolve_hub_sae(source, layer, config.sae_k)
     except (SAELoadError, ValueError) as err:
@@ -126,7 +145,7 @@ def _sae(recipe: Recipe) -> dict | None:
     else:
         recipe.notes.append(f"{hub.repo_id} is not in the Qwen-Scope releases table: layer {layer} is checked "
                             f"only when the file downloads")
-    return out
+    return out, None
 
 
 def _release_of(model: str | None):
@@ -148,7 +167,7 @@ def _pack_settings(recipe: Recipe) -> list[tuple[str, str]]:
     return found
 
 
-def _packs(recipe: Recipe, sae: dict | None) -> tuple[dict, list[dict]]:
+def _packs(recipe: Recipe, sae: dict | None, sae_module=None) -> tuple[dict, list[dict]]:
     packs, missing = {}, {}
     layer = getattr(recipe.config, "sae_layer", None)
     for where, path in _pack_settings(recipe):
@@ -162,6 +181,7 @@ def _packs(recipe: Recipe, sae: dict | None) -> tuple[dict, list[dict]]:
         except ValueError as err:
             raise RecipeError(f"{where}={path!r}: {err}") from err
         _check_fits_sae(where, path, "was found on", pack.layer, pack.d_sae, layer, sae)
+        check_pack_content(recipe, where, path, pack, sae_module)
         packs[where] = {"path": path, "name": pack.name, "features": len(pack), "layer": pack.layer,
                         "sae_source": pack.sae_source}
     return packs, list(missing.values())
@@ -172,11 +192,11 @@ def _check_fits_sae(where: str, path: str, verb: str, file_layer, file_d_sae, la
     if layer is not None and file_layer not in (None, layer):
         raise RecipeError(f"{where}={path!r} {verb} layer {file_layer}, but sae_layer={layer}")
     if sae is not None and sae.get("d_sae") not in (None, file_d_sae):
-        raise RecipeError(f"{where}={path!r} {verb} an SAE with d_sae={file_d_sae}, but {sae['repo_id']} has "
-                          f"d_sae={sae['d_sae']}")
+        raise RecipeError(f"{where}={path!r} {verb} an SAE with d_sae={file_d_sae}, but "
+                          f"{sae.get('repo_id', sae['source'])} has d_sae={sae['d_sae']}")
 
 
-def _probes(recipe: Recipe, sae: dict | None) -> tuple[dict, list[dict]]:
+def _probes(recipe: Recipe, sae: dict | None, sae_module=None) -> tuple[dict, list[dict]]:
     """The completion probes the run reads (config fields ending in '_probe', reward settings named 'probe'),
     loaded and checked against the SAE like the packs; missing ones come with the command that fits one."""
     config, run = recipe.config, recipe.run
@@ -197,6 +217,9 @@ def _probes(recipe: Recipe, sae: dict | None) -> tuple[dict, list[dict]]:
             raise RecipeError(f"{where}={path!r}: {err}") from err
         _check_fits_sae(where, path, "was fitted on", probe.sae.get("layer"), probe.sae.get("d_sae"),
                         getattr(config, "sae_layer", None), sae)
+        if sae_module is not None and probe.sae.get("fingerprint") not in (None, sae_fingerprint(sae_module)):
+            raise RecipeError(f"{where}={path!r} was fitted on another SAE of the same shape (digest "
+                              f"{probe.sae['fingerprint']} != {sae_fingerprint(sae_module)}); fit it again")
         probes[where] = {"path": path, "features": probe.features, "classes": probe.classes,
                          "layer": probe.sae.get("layer"), "sae_source": probe.sae.get("source")}
     return probes, missing
@@ -341,4 +364,7 @@ def format_plan(p: dict) -> str:
     for m in p["missing_files"]:
         lines.append(f"MISSING  {m['path']} ({', '.join(m['fields'])})\n         make it with: {m['create_with']}")
     lines += [f"note     {n}" for n in p["notes"]]
+    for d in p.get("offline_downloads", []):
+        lines.append(f"OFFLINE  HF_HUB_OFFLINE is set and the {d['what']} {d['repo']} is not in the Hub cache: the "
+                     f"run would fail\n         pre-download it where there is network: {d['command']}")
     return "\n".join(lines)

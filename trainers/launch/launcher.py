@@ -40,6 +40,7 @@ def _launcher_parser() -> argparse.ArgumentParser:
     parser.add_argument("--processes", type=int, default=None,
                         help="with --dry-run: processes for the batch arithmetic (default: $WORLD_SIZE or 1)")
     parser.add_argument("-h", "--help", action="store_true", help="show this help and the recipe fields")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return parser
 
 
@@ -55,8 +56,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _dry_run(recipe, args)
         train(recipe)
     except RecipeError as err:
+        if args.debug:
+            raise
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except (ValueError, OSError, ImportError) as err:  # the trainers' own errors (ValueErrors), unreadable files
+        if args.debug:
+            raise
+        text = f"{err.filename}: {err.strerror}" if isinstance(err, OSError) and err.filename else str(err)
+        print(f"error: {' '.join(text.strip().splitlines()[:3])}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -78,7 +87,7 @@ def _dry_run(recipe: Recipe, args) -> int:
         print(json.dumps(result, indent=2, default=str))
     else:
         print(format_plan(result))
-    return 1 if result["missing_files"] else 0
+    return 1 if result["missing_files"] or result["offline_downloads"] else 0
 
 
 # -- building and running the trainer ----------------------------------------------------------------------------

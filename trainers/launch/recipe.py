@@ -106,9 +106,18 @@ def _pick_trainer(override: str | None, in_file: str | None, where: str) -> str:
 
 def _read_yaml(path: str) -> dict:
     if not Path(path).is_file():
-        raise RecipeError(f"recipe {path} does not exist")
+        raise RecipeError(f"recipe {path} " + ("is a folder, not a YAML file" if Path(path).is_dir() else
+                                               "does not exist"))
     try:
-        values = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        raw = Path(path).read_bytes()
+    except OSError as err:
+        raise RecipeError(f"cannot read recipe {path}: {err.strerror}") from err
+    if b"\x00" in raw[:8192]:
+        raise RecipeError(f"recipe {path} is a binary file, not YAML")
+    try:
+        values = yaml.safe_load(raw.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise RecipeError(f"recipe {path} is not UTF-8 text (byte {err.start}); save it as UTF-8") from err
     except yaml.YAMLError as err:
         raise RecipeError(f"{path} is not valid YAML: {err}") from err
     if not isinstance(values, dict):

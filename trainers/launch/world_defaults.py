@@ -8,6 +8,7 @@ torchrun) one builds and the others wait and read the cache.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 from filelock import FileLock
@@ -19,7 +20,7 @@ MONITOR_PROBES = 32  # held-out prompts an `sae_monitor` callback samples when t
 
 def load_demo_world(spec: str):
     """A world from a size ("test", "default": built into the cache if missing) or a built world's folder."""
-    from qscope_rl.world import SIZES, World, cache_root, load_world
+    from qscope_rl.world import SIZES, World, WorldRecipe, cache_root, load_world, world_dir
 
     if Path(spec).is_dir():
         if not (Path(spec) / "stats.json").is_file():
@@ -27,17 +28,38 @@ def load_demo_world(spec: str):
         return World(spec)
     if spec not in SIZES:
         raise ValueError(f"demo_world={spec!r}: expected a world size {list(SIZES)} or a built world's folder")
+    if (world_dir(WorldRecipe.for_size(spec)) / "stats.json").is_file():
+        return load_world(spec)  # built: nothing to write, so no lock (the cache may be read-only)
     lock = cache_root() / "world" / f".{spec}.lock"
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(lock)):
+    with _lock(lock, f"the demo world {spec!r} is not built yet"):
         return load_world(spec)
 
 
 def world_pack_paths(world) -> dict[str, Path]:
     from qscope_rl.world.packs import world_pack_files
 
-    with FileLock(str(world.path / ".packs.lock")):
+    cached = world_pack_files(world, discover=False)
+    if cached is not None:
+        return cached  # all cached: nothing written, no lock (the cache may be read-only)
+    with _lock(world.path / ".packs.lock", "the world's feature packs are not discovered yet"):
         return world_pack_files(world)
+
+
+@contextlib.contextmanager
+def _lock(path: Path, why: str):
+    """A file lock for work that writes into the cache; a read-only cache is a clear error, not a traceback."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(path))
+        lock.acquire()
+    except OSError as err:
+        raise ValueError(f"{why}, and {path.parent} cannot be written ({err.strerror or err}): build it once "
+                         f"where the cache is writable (`qscope-rl world build`, or a dry run), or point "
+                         f"QSCOPE_RL_CACHE at a writable folder") from err
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def fill_from_world(world, run: RunArguments, config_values: dict) -> None:
