@@ -9,7 +9,9 @@ from .common import print_json
 
 
 def register(subparsers) -> None:
-    releases = subparsers.add_parser("releases", help="list the Qwen-Scope SAE releases (Hub repos and SAELens names)")
+    releases = subparsers.add_parser(
+        "releases", help="list the Qwen-Scope SAE releases: Hub repo and SAELens name (load_sae takes either, with "
+        "layer=L or sae_id='layer<L>')")
     releases.add_argument("--json", action="store_true", help="print JSON instead of a table")
     releases.set_defaults(func=_releases)
 
@@ -34,8 +36,6 @@ def _releases(args) -> None:
     for row in rows:
         print(f"{row['repo_id']:<46} {row['saelens_release']:<39} {row['layers']:>6} {row['d_model']:>7} "
               f"{row['d_sae']:>7} {row['k']:>4}")
-    print("\nload_sae(repo or SAELens release, layer=L) or load_sae(SAELens release, sae_id='layer<L>'): one layer "
-          "file is downloaded")
 
 
 def _sae_info(args) -> None:
