@@ -3,13 +3,16 @@
 Baselines: `LanguageConsistencyReward` (DeepSeek-R1), `NgramRepetitionPenalty` (open-r1).
 SAE-based, reading the ``sae_activations`` column the SAE trainers add: `SAECodeSwitchPenalty`,
 `SAERepetitionPenalty`, `SAEProbePenalty`, `SAEFeatureReward`. The demo world's task: `WorldTopicReward`.
-Judges to log failure rates at weight 0: `CodeSwitchJudge`, `LoopJudge`. All are picklable classes with
-``__name__``.
+Judges to log failure rates at weight 0: `CodeSwitchJudge`, `LoopJudge`. Composition and guards: `NormalizedReward`
+(per-reward running z-score or rank, opt-in), `RewardHackingGuard` (an SAE penalty watched against a judge). All
+are picklable classes with ``__name__``.
 """
 
+from .hacking_guard import RewardHackingGuard
 from .judge_monitors import CodeSwitchJudge, LoopJudge
 from .language_consistency import LanguageConsistencyReward
 from .ngram_repetition import NgramRepetitionPenalty
+from .normalized import NormalizedReward
 from .registry import REWARD_FUNCS, get_reward_func, resolve_reward_func
 from .sae_rewards import SAECodeSwitchPenalty, SAEFeatureReward, SAEProbePenalty, SAERepetitionPenalty
 from .world_topic import WorldTopicReward
@@ -20,6 +23,8 @@ __all__ = [
     "LoopJudge",
     "LanguageConsistencyReward",
     "NgramRepetitionPenalty",
+    "NormalizedReward",
+    "RewardHackingGuard",
     "SAECodeSwitchPenalty",
     "SAEFeatureReward",
     "SAEProbePenalty",

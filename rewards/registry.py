@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from qscope_rl.registry import resolve
 
+from .hacking_guard import RewardHackingGuard
 from .judge_monitors import CodeSwitchJudge, LoopJudge
 from .language_consistency import LanguageConsistencyReward
 from .ngram_repetition import NgramRepetitionPenalty
+from .normalized import NormalizedReward
 from .sae_rewards import SAECodeSwitchPenalty, SAEFeatureReward, SAEProbePenalty, SAERepetitionPenalty
 from .world_topic import WorldTopicReward
 
@@ -20,6 +22,8 @@ REWARD_FUNCS = {
     "world_topic": WorldTopicReward,
     "judge_code_switch": CodeSwitchJudge,
     "judge_loop": LoopJudge,
+    "normalized": NormalizedReward,
+    "reward_hacking_guard": RewardHackingGuard,
 }
 
 

@@ -81,6 +81,11 @@ class SAEArguments(SAESourceArguments):
         default=1, metadata={"help": "m: rollouts per group of num_generations generated with amplification."})
     sae_log_top_features: int = field(
         default=3, metadata={"help": "How many of the most active problem features to log each step."})
+    sae_feature_table_examples: int = field(
+        default=3,
+        metadata={"help": "Decoded rollout contexts per feature in the top-features table sent to report_to "
+                  "(wandb, trackio, tensorboard) at each log; 0 turns the table off."},
+    )
 
     def validate_sae_args(self, num_generations: int | None) -> None:
         if self.sae_capture not in CAPTURE_MODES:
@@ -93,6 +98,8 @@ class SAEArguments(SAESourceArguments):
         if self.sae_source is None:
             return
         self.validate_sae_source()
+        if self.sae_feature_table_examples < 0:
+            raise ValueError(f"sae_feature_table_examples must be >= 0, got {self.sae_feature_table_examples}")
         if self.aux_loss_weight < 0:
             raise ValueError(f"aux_loss_weight must be >= 0, got {self.aux_loss_weight}")
         if self.aux_loss_weight > 0 and not (self.aux_loss_pack or self.code_switch_pack):

@@ -23,6 +23,7 @@ from contextlib import ExitStack, contextmanager
 
 import torch
 from torch import Tensor
+from transformers import TrainerCallback
 
 from qscope_rl.features.aux_loss import FeatureAuxLoss
 from qscope_rl.features.classifier import FeatureClassifier
@@ -33,9 +34,10 @@ from qscope_rl.hooks import ForwardToLayer, add_to_residual, capture_residual, d
 from qscope_rl.sae.loaders import load_sae
 
 from .checkpoint import SAECheckpointMixin
+from .feature_table import FeatureTableMixin
 
 
-class SAETrainerMixin(SAECheckpointMixin):
+class SAETrainerMixin(FeatureTableMixin, SAECheckpointMixin):
     _sae_pack_fields = ("code_switch_pack", "repetition_pack", "aux_loss_pack", "amplify_pack")
     # Defaults that make every SAE step a no-op until `_init_sae` loads an SAE.
     sae = None
@@ -45,6 +47,8 @@ class SAETrainerMixin(SAECheckpointMixin):
     _rollout_acts = None
     _amplified = None
     _amplify_vector = None
+    _rollout_completion_ids = None
+    _top_features: list[dict] = []
 
     # -- set-up ---------------------------------------------------------------------------------------
 
@@ -75,6 +79,11 @@ class SAETrainerMixin(SAECheckpointMixin):
                 func.feature_pack.check_compatible(sae, layer=self.sae_layer)
             if getattr(func, "probe", None) is not None:
                 func.probe.check_sae(sae)
+            wrapped = func  # a reward that is also a callback (RewardHackingGuard), maybe wrapped, can stop training
+            while wrapped is not None:
+                if isinstance(wrapped, TrainerCallback) and wrapped not in self.callback_handler.callbacks:
+                    self.add_callback(wrapped)
+                wrapped = getattr(wrapped, "reward", None)
 
         tracked = [p.ids for p in (self.code_switch_pack,) if p is not None]
         tracked += [f.feature_pack.ids for f in self.reward_funcs if getattr(f, "feature_pack", None) is not None]
@@ -256,15 +265,24 @@ class SAETrainerMixin(SAECheckpointMixin):
         """Firing rate over completion tokens of the most active problem features (ids as metric values)."""
         acts = self._rollout_acts
         ids = ids.to(acts.indices.device)
-        fires = ((acts.indices.unsqueeze(-1) == ids) & (acts.values.unsqueeze(-1) > 0)).any(-2)  # (B, T, f)
-        counts = torch.stack([(fires & acts.mask.unsqueeze(-1)).sum((0, 1)).float(), acts.mask.sum().float()
-                              .expand(len(ids))])
+        match = (acts.indices.unsqueeze(-1) == ids) & (acts.values.unsqueeze(-1) > 0) & acts.mask[..., None, None]
+        fires = match.any(-2).sum((0, 1)).float()  # (f,) tokens where each fires
+        total = (acts.values.unsqueeze(-1) * match).sum((0, 1, 2)).float()  # (f,) summed activation there
+        counts = torch.stack([fires, total, acts.mask.sum().float().expand(len(ids))])
         counts = self.accelerator.reduce(counts.to(self.accelerator.device), reduction="sum")
-        rates = counts[0] / counts[1].clamp(min=1.0)
-        top = rates.argsort(descending=True)[: self.args.sae_log_top_features]
-        for rank, index in enumerate(top.tolist()):
-            metrics[f"sae/top_feature_{rank}/id"].append(float(ids[index]))
-            metrics[f"sae/top_feature_{rank}/rate"].append(rates[index].item())
+        rates, means = counts[0] / counts[2].clamp(min=1.0), counts[1] / counts[0].clamp(min=1.0)
+        top = rates.argsort(descending=True, stable=True)[: self.args.sae_log_top_features]
+        self._top_features = [{"id": int(ids[i]), "rate": rates[i].item(), "mean_activation": means[i].item()}
+                              for i in top.tolist()]
+        for rank, feature in enumerate(self._top_features):
+            metrics[f"sae/top_feature_{rank}/id"].append(float(feature["id"]))
+            metrics[f"sae/top_feature_{rank}/rate"].append(feature["rate"])
+
+    def sae_top_features(self) -> list[dict]:
+        """The last generation batch's most active problem features over every process's completion tokens, most
+        frequent first: ``[{"id", "rate", "mean_activation"}, ...]`` (rate: share of completion tokens where it
+        fires; mean_activation: its mean value there), at most ``sae_log_top_features`` of them."""
+        return [dict(f) for f in self._top_features]
 
     # -- loss -----------------------------------------------------------------------------------------
 
@@ -295,6 +313,7 @@ class SAETrainerMixin(SAECheckpointMixin):
         if self.sae is not None:
             prompt_ids, completion_ids = output[0], output[1]
             self._rollout_acts = self._encode_rollouts(prompt_ids, completion_ids)
+            self._rollout_completion_ids = completion_ids  # decoded for the top-features table
         return output
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):

@@ -4,6 +4,10 @@
 Without ``--model`` the demo world's model, SAE and training documents are used (``--world``, default
 "test"). With ``--model`` (a HF model path or id), ``--sae`` and ``--layer`` are required and texts come
 from files: JSONL with a "text" field (and "lang" for language discovery) or plain text, one per line.
+Language discovery from your own texts takes either one JSONL with both fields (``--texts mixed.jsonl``, lines
+like ``{"text": "The cat sat.", "lang": "en"}``) or one file per language (``--lang-texts en=en.jsonl
+--lang-texts zh=zh.txt``: JSONL with "text" or plain lines). ``--dry-run`` checks the model, SAE, layer and
+texts without downloading or loading anything big (`discover_check`).
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ def register(subparsers) -> None:
     discover.add_argument("--out", default=None,
                           help="pack JSON to write (language: a folder, one language-<lang>.json per language)")
     discover.add_argument("--json", action="store_true", help="print the pack(s) as JSON instead of a table")
+    discover.add_argument("--dry-run", action="store_true",
+                          help="check model, SAE, layer and texts (no download, no model load) and print the plan")
     discover.set_defaults(func=_discover)
 
     probe = sub.add_parser("probe", help="fit a logistic probe on the SAE features of texts' tails, positive vs "
@@ -56,6 +62,9 @@ def _add_source_arguments(parser) -> None:
     texts = parser.add_argument_group("texts (default: the world's training documents)")
     texts.add_argument("--texts", default=None,
                        help="language: JSONL with text+lang; repetition: JSONL with text, or plain text lines")
+    texts.add_argument("--lang-texts", action="append", default=[], metavar="LANG=FILE",
+                       help="language: the texts of one language (JSONL with text, or plain lines); repeat per "
+                       "language, instead of --texts")
     texts.add_argument("--positive", default=None, help="contrastive / probe: positive texts (JSONL or lines)")
     texts.add_argument("--negative", default=None, help="contrastive / probe: negative texts (JSONL or lines)")
     texts.add_argument("--target", default="switch",
@@ -102,13 +111,41 @@ def _world_texts(world, args) -> dict:
             "negative": _cap(negative, args.max_texts, args.seed), "name": f"contrastive-{args.target}"}
 
 
-def _file_texts(args) -> dict:
-    if args.method == "language":
-        if not args.texts:
-            raise SystemExit("error: language discovery with --model needs --texts (JSONL with text and lang)")
-        by_lang: dict[str, list[str]] = {}
+def _texts_by_lang(args) -> dict[str, list[str]]:
+    """Language discovery's texts: one JSONL with text and lang (--texts), or one file per language (--lang-texts)."""
+    if args.texts and args.lang_texts:
+        raise SystemExit("error: give the language texts either as --texts (JSONL with text and lang) or as "
+                         "--lang-texts LANG=FILE, not both")
+    by_lang: dict[str, list[str]] = {}
+    if args.texts:
         for text, lang in read_texts(args.texts, with_lang=True):
             by_lang.setdefault(lang, []).append(text)
+    for spec in args.lang_texts:
+        lang, sep, path = spec.partition("=")
+        if not sep or not lang or not path:
+            raise SystemExit(f"error: --lang-texts {spec!r}: expected LANG=FILE, e.g. en=english.jsonl")
+        if lang in by_lang:
+            raise SystemExit(f"error: --lang-texts names language {lang!r} twice")
+        by_lang[lang] = read_texts(path)
+    if not by_lang:
+        raise SystemExit("error: language discovery with --model needs --texts (JSONL with text and lang) or "
+                         "--lang-texts LANG=FILE per language")
+    if len(by_lang) < 2:
+        raise SystemExit(f"error: language discovery needs texts in at least two languages, got {sorted(by_lang)}")
+    return by_lang
+
+
+def _group_texts(args) -> dict[str, list[str]]:
+    """The texts a discovery run reads, by group (language, or texts / positive / negative), before capping."""
+    if args.method == "language":
+        return _texts_by_lang(args)
+    texts = _file_texts(args)
+    return {name: texts[name] for name in ("texts", "positive", "negative") if name in texts}
+
+
+def _file_texts(args) -> dict:
+    if args.method == "language":
+        by_lang = _texts_by_lang(args)
         return {"texts_by_lang": {lang: _cap(t, args.max_texts, args.seed) for lang, t in by_lang.items()}}
     if args.method == "repetition":
         if not args.texts:
@@ -159,6 +196,12 @@ def _discover(args) -> int:
         discover_repetition_features,
     )
 
+    if args.dry_run:
+        from .discover_check import check_discovery
+
+        plan = check_discovery(args, _group_texts)
+        print_json(plan)
+        return 0 if plan["ok"] else 1
     check_writable(args.out, "--out", folder=args.method == "language")  # before the discovery, not after
     model, tokenizer, sae, texts, model_name = _load(args)
     common = dict(top_k=args.top_k, batch_size=args.batch_size, layer=args.layer if args.model else None,

@@ -10,31 +10,37 @@ from .errors import non_negative_int, positive_int
 
 
 def register(subparsers) -> None:
-    releases = subparsers.add_parser("releases", help="list the Qwen-Scope SAE releases")
+    releases = subparsers.add_parser(
+        "releases", help="list the Qwen-Scope SAE releases: Hub repo and SAELens name (load_sae takes either, with "
+        "layer=L or sae_id='layer<L>')")
     releases.add_argument("--json", action="store_true", help="print JSON instead of a table")
     releases.set_defaults(func=_releases)
 
     info = subparsers.add_parser("sae-info", help="load an SAE and print its shape and statistics")
-    info.add_argument("source", help="local folder/file, Hub repo id, or model name")
+    info.add_argument("source", help="local folder/file, Hub repo id, model name, or SAELens Qwen-Scope release name")
     info.add_argument("--layer", type=non_negative_int, default=None)
+    info.add_argument("--sae-id", default=None,
+                      help="SAELens sae_id: 'layer<L>' for Qwen-Scope, or the subfolder of a SAELens-format repo")
     info.add_argument("--k", type=positive_int, default=None)
     info.add_argument("--json", action="store_true")
     info.set_defaults(func=_sae_info)
 
 
 def _releases(args) -> None:
-    rows = [dict(repo_id=r.repo_id, model=r.model, layers=r.num_layers, d_model=r.d_model,
-                 d_sae=r.d_sae, k=r.k) for r in QWEN_SCOPE_RELEASES]
+    rows = [dict(repo_id=r.repo_id, saelens_release=r.saelens_release, model=r.model, layers=r.num_layers,
+                 d_model=r.d_model, d_sae=r.d_sae, k=r.k, sae_ids=f"layer0..layer{r.num_layers - 1}")
+            for r in QWEN_SCOPE_RELEASES]
     if args.json:
         print_json(rows)
         return
-    print(f"{'repo':<52} {'layers':>6} {'d_model':>7} {'d_sae':>7} {'k':>4}")
+    print(f"{'repo':<46} {'SAELens release':<39} {'layers':>6} {'d_model':>7} {'d_sae':>7} {'k':>4}")
     for row in rows:
-        print(f"{row['repo_id']:<52} {row['layers']:>6} {row['d_model']:>7} {row['d_sae']:>7} {row['k']:>4}")
+        print(f"{row['repo_id']:<46} {row['saelens_release']:<39} {row['layers']:>6} {row['d_model']:>7} "
+              f"{row['d_sae']:>7} {row['k']:>4}")
 
 
 def _sae_info(args) -> None:
-    sae = load_sae(args.source, args.layer, k=args.k)
+    sae = load_sae(args.source, args.layer, sae_id=args.sae_id, k=args.k)
     norms = sae.W_dec.norm(dim=0)
     info = dict(source=sae.source, architecture=sae.architecture, layer=sae.layer, d_in=sae.d_in,
                 d_sae=sae.d_sae, k=sae.k, dtype=str(sae.W_enc.dtype).removeprefix("torch."),

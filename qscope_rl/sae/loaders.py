@@ -16,28 +16,27 @@ import json
 import os
 import pickle
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
 from .autoencoder import SparseAutoencoder
+from .hub import HubSAE, SAELoadError, check_k, hub_download, resolve_hub_sae, same_layer
 from .identity import remember_digest
-from .releases import Release, find_release, parse_repo_name, release_for_repo
+from .releases import parse_repo_name, parse_sae_id
+
+__all__ = ["HubSAE", "SAELoadError", "load_sae", "resolve_hub_sae", "sae_source_kind"]
 
 _LAYER_FILE = re.compile(r"layer(\d+)\.sae\.pt$")
 _HOOK_LAYER = re.compile(r"(?:layers|blocks|h)\.(\d+)")
 
 
-class SAELoadError(ValueError):
-    """An SAE could not be loaded; the message says what was looked for and how to fix it."""
-
-
 def load_sae(
     source: str | os.PathLike,
-    layer: int | None = None,
+    layer: int | str | None = None,
     *,
+    sae_id: str | None = None,
     k: int | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
@@ -45,26 +44,44 @@ def load_sae(
     """Load a frozen SAE for the residual stream at the output of decoder layer ``layer``.
 
     ``source`` is a local folder or file, a Hub repo id (``Qwen/SAE-Res-Qwen3-1.7B-Base-W32K-L0_50``),
-    or a model name with a Qwen-Scope release (``Qwen/Qwen3-1.7B``; the k=50 release unless ``k`` is
-    given). ``k`` overrides the format's k (for TopK) or caps the width of ``encode_sparse`` (others).
+    a model name with a Qwen-Scope release (``Qwen/Qwen3-1.7B``; the k=50 release unless ``k`` is
+    given), or a SAELens release name of a Qwen-Scope release (``qwen-scope-3-1.7b-base-w32k-l50``).
+    ``sae_id`` follows SAELens' ``SAE.from_pretrained(release, sae_id)``: ``"layer14"`` for Qwen-Scope, or
+    the subfolder holding ``cfg.json`` + ``sae_weights.safetensors`` in any SAELens-format Hub repo (or local
+    folder); a string in place of ``layer`` is read as the sae_id. ``k`` overrides the format's k (for TopK)
+    or caps the width of ``encode_sparse`` (others).
     """
-    _check_k(k)
+    check_k(k)
+    if isinstance(layer, str):  # load_sae(release, "layer14"), as SAE.from_pretrained(release, sae_id)
+        if sae_id is not None:
+            raise SAELoadError(f"got layer={layer!r} and sae_id={sae_id!r}: give the SAE id once")
+        layer, sae_id = None, layer
     path = Path(os.fspath(source)).expanduser()
     if path.exists():
+        path, layer = _local_sae_id(path, layer, sae_id)
         sae = _load_local(path, layer, k)
     elif _looks_like_path(str(source)):
         raise SAELoadError(f"SAE path {str(source)!r} does not exist")
     else:
-        sae = _load_hub(str(source), layer, k)
+        sae = _load_hub(str(source), layer, k, sae_id)
     remember_digest(sae)  # before any dtype cast: the identity packs and checkpoints record
     if dtype is not None or device is not None:
         sae = sae.to(device=device, dtype=dtype)
     return sae.requires_grad_(False).eval()
 
 
-def _check_k(k) -> None:
-    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
-        raise SAELoadError(f"k={k!r}: k must be a positive integer (or None for the format's own k)")
+def _local_sae_id(path: Path, layer: int | None, sae_id: str | None) -> tuple[Path, int | None]:
+    """A local folder and a SAELens sae_id: its subfolder (a downloaded SAELens repo) or a Qwen-Scope layer."""
+    if sae_id is None:
+        return path, layer
+    if (path / sae_id).is_dir():
+        return path / sae_id, layer
+    try:
+        id_layer = parse_sae_id(sae_id)
+    except ValueError as err:
+        raise SAELoadError(f"{path} has no subfolder {sae_id!r} (sae_id), and it is not a Qwen-Scope layer id "
+                           f"(layer<L>)") from err
+    return path, same_layer(f"sae_id={sae_id!r}", id_layer, layer)
 
 
 def _looks_like_path(source: str) -> bool:
@@ -296,38 +313,6 @@ def _check_cfg_sizes(path: Path, cfg: dict, weights: dict) -> None:
 # -- Hub --------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class HubSAE:
-    """The Hub file `load_sae` would download for a source and layer, found without any network access."""
-
-    repo_id: str
-    filename: str
-    k: int | None
-    release: Release | None  # None for a repo outside the Qwen-Scope table (layer range not checked)
-
-    def is_cached(self) -> bool:
-        """Whether the file is already in the local huggingface_hub cache."""
-        from huggingface_hub import try_to_load_from_cache
-
-        return isinstance(try_to_load_from_cache(self.repo_id, self.filename), str)
-
-
-def resolve_hub_sae(source: str, layer: int | None, k: int | None = None) -> HubSAE:
-    """Map a Hub repo id or model name to its repo and ``layer{L}.sae.pt``, checking the layer against the
-    releases table; no download. Raises `SAELoadError` / ValueError on an unknown model or a bad layer."""
-    _check_k(k)
-    repo_id = source
-    release = release_for_repo(source)
-    if release is None and parse_repo_name(source) is None:
-        # A model name: map it to its Qwen-Scope release (this also rejects unknown models early).
-        release = find_release(source, k=k)
-        repo_id = release.repo_id
-    if layer is None:
-        raise SAELoadError(f"{repo_id} holds one SAE per decoder layer: pass layer=")
-    filename = release.filename(layer) if release is not None else f"layer{layer}.sae.pt"  # range-checked
-    return HubSAE(repo_id, filename, _given(k, release.k if release else _k_from_name(repo_id)), release)
-
-
 def sae_source_kind(source: str | os.PathLike) -> str:
     """How `load_sae` reads a source: "local" (it exists), "missing" (a path that does not) or "hub"."""
     if Path(os.fspath(source)).expanduser().exists():
@@ -335,31 +320,15 @@ def sae_source_kind(source: str | os.PathLike) -> str:
     return "missing" if _looks_like_path(str(source)) else "hub"
 
 
-def _load_hub(source: str, layer: int | None, k: int | None) -> SparseAutoencoder:
-    hub = resolve_hub_sae(source, layer, k)
-    file = _hub_download(hub.repo_id, hub.filename)
-    sae = _load_qwen_scope_file(file, layer, hub.k, hub.repo_id)
+def _load_hub(source: str, layer: int | None, k: int | None, sae_id: str | None = None) -> SparseAutoencoder:
+    hub = resolve_hub_sae(source, layer, k, sae_id)
+    if hub.subfolder is not None:
+        folder = [hub_download(hub.repo_id, name, hub.subfolder) for name in hub.files][0].parent
+        return _load_cfg_folder(folder, hub.layer, k)
+    file = hub_download(hub.repo_id, hub.filename)
+    sae = _load_qwen_scope_file(file, hub.layer, hub.k, hub.repo_id)
     release = hub.release
     if release is not None and (sae.d_in, sae.d_sae) != (release.d_model, release.d_sae):
         raise SAELoadError(f"{hub.repo_id}/{hub.filename} has d_in={sae.d_in}, d_sae={sae.d_sae}; the release "
                            f"table says d_model={release.d_model}, d_sae={release.d_sae}")
     return sae
-
-
-def _hub_download(repo_id: str, filename: str) -> Path:
-    """Download one file through huggingface_hub's cache, with an actionable error when offline."""
-    try:
-        from huggingface_hub import hf_hub_download
-    except ImportError as err:  # pragma: no cover - a core dependency
-        raise SAELoadError("loading SAEs from the Hub needs `pip install huggingface_hub`") from err
-    # Read the variable now, not at huggingface_hub's import: offline means "only the local cache".
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false", "no")
-    try:
-        return Path(hf_hub_download(repo_id, filename, local_files_only=offline))
-    except Exception as err:  # offline mode, no network, missing repo or file, gated repo
-        why = "HF_HUB_OFFLINE is set" if offline else f"{type(err).__name__}: {str(err).splitlines()[0]}"
-        raise SAELoadError(
-            f"could not get {filename} from the Hub repo {repo_id} ({why}). On a machine with network, run "
-            f"`hf download {repo_id} {filename} --local-dir <DIR>`, copy <DIR> here and call "
-            f"load_sae('<DIR>', layer=...) (the folder name must keep the ...-L0_<k> suffix or pass k=)."
-        ) from err

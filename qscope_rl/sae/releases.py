@@ -2,6 +2,10 @@
 
 Facts from the Qwen-Scope model cards (see shared/context/qwen-scope.md): fourteen Hub repos named
 ``Qwen/SAE-Res-<model>-W<width>-L0_<k>``, one ``layer{L}.sae.pt`` file per decoder layer.
+
+SAELens (>= 6.43) registers the same fourteen repos under its own release names, ``qwen-scope-<model>-w<width>-l<k>``
+in lower case without the leading "Qwen" (``qwen-scope-3-1.7b-base-w32k-l50``), with one ``sae_id`` per layer
+(``layer14``); `Release.saelens_release` and `release_for_saelens_name` map between the two.
 """
 
 from __future__ import annotations
@@ -24,6 +28,11 @@ class Release:
     @property
     def repo_id(self) -> str:
         return f"Qwen/SAE-Res-{self.model}-W{self.width}-L0_{self.k}"
+
+    @property
+    def saelens_release(self) -> str:
+        """SAELens' name for this release, as in its pretrained_saes.yaml: ``qwen-scope-3-1.7b-base-w32k-l50``."""
+        return f"qwen-scope-{self.model.lower().removeprefix('qwen')}-w{self.width.lower()}-l{self.k}"
 
     def filename(self, layer: int) -> str:
         if not 0 <= layer < self.num_layers:
@@ -57,6 +66,30 @@ def release_for_repo(repo_id: str) -> Release | None:
         if release.repo_id.lower() == repo_id.lower():
             return release
     return None
+
+
+_SAE_ID = re.compile(r"layer_?(\d+)$")
+
+
+def release_for_saelens_name(name: str) -> Release | None:
+    """The release SAELens calls ``name`` (``qwen-scope-3-1.7b-base-w32k-l50``), or None."""
+    for release in QWEN_SCOPE_RELEASES:
+        if release.saelens_release == name.strip().lower():
+            return release
+    return None
+
+
+def looks_like_saelens_qwen_scope(name: str) -> bool:
+    """Whether ``name`` is spelled like a SAELens Qwen-Scope release (known or not: a typo gets a clear error)."""
+    return name.strip().lower().startswith("qwen-scope-")
+
+
+def parse_sae_id(sae_id: str) -> int:
+    """The layer of a SAELens Qwen-Scope ``sae_id`` (``"layer14"`` -> 14)."""
+    match = _SAE_ID.fullmatch(sae_id.strip().lower())
+    if match is None:
+        raise ValueError(f"sae_id {sae_id!r} is not a Qwen-Scope SAE id: SAELens names them layer<L> (e.g. 'layer14')")
+    return int(match[1])
 
 
 def parse_repo_name(name: str) -> tuple[str, str, int] | None:

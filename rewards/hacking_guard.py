@@ -1,0 +1,126 @@
+"""A reward-hacking guard for SAE penalties: the SAE's rate against an independent judge's, on the same rollouts.
+
+An SAE penalty is the kind of reward a policy can game: it can learn to keep the penalised features quiet while
+the behaviour stays (other features, other tokens, the same code-switch). The guard wraps the penalty, asks a
+judge that reads only the text (`qscope_rl.judges`: Unicode script, loop detector) about the same rollouts, and
+trips when the SAE rate has fallen while the judged rate has not (mechreward cross-checks its rewards with a
+linear probe for the same reason).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import deque
+
+from transformers import TrainerCallback
+
+from ._sync import gather_floats
+from .normalized import build_reward
+
+ON_TRIP = ("warn", "stop")
+
+
+class RewardHackingGuard(TrainerCallback):
+    """``penalty``'s rewards, unchanged, with the rate at which it fires watched against ``judge``'s.
+
+    A rollout counts as SAE-flagged when the penalty's reward is below ``-fire_threshold`` and as judged-flagged
+    when the judge (a reward function returning 1.0 for a failure, e.g. `CodeSwitchJudge`, `LoopJudge`) returns
+    more than 0.5. The first ``baseline_rollouts`` rollouts (over all processes) fix the baseline rates
+    ``s0, j0``; the last ``window_rollouts`` give the current ``s, j``. The guard trips when
+
+        s <= (1 - sae_drop) * s0   and   j > (1 - judged_drop) * j0        (s0 > 0, j0 > 0)
+
+    i.e. the SAE rate fell by at least ``sae_drop`` of its baseline while the judged rate fell by less than
+    ``judged_drop`` of its own. It then warns (``on_trip="warn"``) or also stops training at the end of the step
+    (``"stop"``; the guard is a `TrainerCallback`: the SAE trainers register reward functions that are callbacks
+    themselves; with another trainer pass it in ``callbacks=`` too). Metrics, through TRL's ``log_metric``, per
+    reward call: ``guard/<name>/sae_rate`` and ``judged_rate`` (this batch), ``sae_recall`` (share of this batch's
+    judged failures the penalty fires on), ``sae_kept`` and ``judged_kept`` (``s / s0``, ``j / j0``) and
+    ``tripped`` (0 or 1). Every process sees every process's flags, so every rank decides alike.
+
+    ``penalty`` and ``judge`` may be registry names built with ``penalty_kwargs`` / ``judge_kwargs`` (recipes).
+
+    Example::
+
+        guard = RewardHackingGuard(SAECodeSwitchPenalty("zh.json"), CodeSwitchJudge("en"), on_trip="stop")
+        trainer = SAEGRPOTrainer(..., reward_funcs=[task_reward, guard])   # guard returns the penalty's rewards
+    """
+
+    def __init__(self, penalty, judge, *, sae_drop: float = 0.5, judged_drop: float = 0.25,
+                 baseline_rollouts: int = 64, window_rollouts: int = 64, fire_threshold: float = 0.0,
+                 on_trip: str = "warn", penalty_kwargs: dict | None = None, judge_kwargs: dict | None = None):
+        penalty, judge = build_reward(penalty, penalty_kwargs), build_reward(judge, judge_kwargs)
+        if on_trip not in ON_TRIP:
+            raise ValueError(f"on_trip={on_trip!r}: expected one of {ON_TRIP}")
+        for name, value in (("sae_drop", sae_drop), ("judged_drop", judged_drop)):
+            if not 0.0 < value <= 1.0:
+                raise ValueError(f"{name} must be in (0, 1], got {value}")
+        if baseline_rollouts < 1 or window_rollouts < 1:
+            raise ValueError(f"baseline_rollouts and window_rollouts must be >= 1, got {baseline_rollouts}, "
+                             f"{window_rollouts}")
+        if not (callable(penalty) and callable(judge)):
+            raise TypeError("penalty and judge must be reward functions")
+        self.penalty, self.judge, self.on_trip = penalty, judge, on_trip
+        self.sae_drop, self.judged_drop, self.fire_threshold = sae_drop, judged_drop, fire_threshold
+        self.baseline_rollouts = baseline_rollouts
+        self.__name__ = getattr(penalty, "__name__", type(penalty).__name__)
+        self.feature_pack = getattr(penalty, "feature_pack", None)  # checked against the SAE like the penalty's
+        self.probe = getattr(penalty, "probe", None)
+        self._baseline: list[tuple[bool, bool]] = []
+        self._recent: deque[tuple[bool, bool]] = deque(maxlen=window_rollouts)
+        self.tripped = False
+        self.metrics: dict[str, float] = {}
+
+    def __call__(self, completions, **kwargs) -> list[float | None]:
+        rewards = self.penalty(completions=completions, **kwargs)
+        judged = self.judge(completions=completions, **kwargs)
+        local = [float(r is not None and r < -self.fire_threshold) + 2.0 * float(j is not None and j > 0.5)
+                 for r, j in zip(rewards, judged, strict=True)]
+        flags = [(bool(int(v) & 1), bool(int(v) & 2)) for v in gather_floats(local)[0]]
+        self.observe(flags)
+        log_metric = kwargs.get("log_metric")
+        if callable(log_metric):
+            for key, value in self.metrics.items():
+                log_metric(f"guard/{self.__name__}/{key}", value)
+        return rewards
+
+    def observe(self, flags: list[tuple[bool, bool]]) -> dict[str, float]:
+        """Add a batch of ``(sae_flagged, judged_flagged)`` rollouts; update `metrics` and `tripped`."""
+        if not flags:
+            return self.metrics
+        room = self.baseline_rollouts - len(self._baseline)
+        self._baseline.extend(flags[:max(room, 0)])
+        self._recent.extend(flags)
+        judged_failures = [s for s, j in flags if j]
+        metrics = {"sae_rate": _rate(s for s, _ in flags), "judged_rate": _rate(j for _, j in flags)}
+        if judged_failures:
+            metrics["sae_recall"] = _rate(judged_failures)
+        if len(self._baseline) >= self.baseline_rollouts:
+            s0, j0 = _rate(s for s, _ in self._baseline), _rate(j for _, j in self._baseline)
+            s, j = _rate(s for s, _ in self._recent), _rate(j for _, j in self._recent)
+            if s0 > 0 and j0 > 0:
+                metrics["sae_kept"], metrics["judged_kept"] = s / s0, j / j0
+                if s <= (1 - self.sae_drop) * s0 and j > (1 - self.judged_drop) * j0:
+                    self._trip(s, s0, j, j0)
+        metrics["tripped"] = float(self.tripped)
+        self.metrics = metrics
+        return metrics
+
+    def _trip(self, s: float, s0: float, j: float, j0: float) -> None:
+        if self.tripped:
+            return
+        self.tripped = True
+        action = "stopping training" if self.on_trip == "stop" else "continuing"
+        warnings.warn(f"reward hacking? the {self.__name__} penalty fires on {s:.3f} of the recent rollouts "
+                      f"(baseline {s0:.3f}), but the judge still flags {j:.3f} (baseline {j0:.3f}): the policy may be "
+                      f"evading the SAE features rather than the behaviour; {action}", stacklevel=3)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.tripped and self.on_trip == "stop":
+            control.should_training_stop = True
+        return control
+
+
+def _rate(flags) -> float:
+    flags = list(flags)
+    return sum(flags) / len(flags) if flags else 0.0
