@@ -134,7 +134,7 @@ def sae_trainer_config(config_class: type, args, model, trainer_name: str):
         from trl.trainer.utils import get_config_model_id
 
         name = model if isinstance(model, str) else get_config_model_id(model.config)
-        return config_class(f"{name.split('/')[-1]}-{trainer_name}")
+        return config_class(output_dir=f"{name.split('/')[-1]}-{trainer_name}")
     if not isinstance(args, config_class):
         raise TypeError(f"SAE{trainer_name}Trainer needs an {config_class.__name__} (TRL's own config plus the SAE "
                         f"fields), got {type(args).__name__}: build {config_class.__name__}(...) with the same "
