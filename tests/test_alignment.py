@@ -200,3 +200,78 @@ def test_rewards_get_the_residual_of_their_own_tokens(world, pack_files, tmp_pat
         assert len(trainer.eos_token_ids) == 2 and any(ids[-1] == trainer.eos_token_ids[1] for ids in completion_ids)
     if setup.get("tools"):
         assert any(0 in m for m in rollout["tool_mask"])  # the tool loop ran and its results are masked out
+
+
+TWO_PROCESS_SCRIPT = '''
+import json, os, sys
+import torch
+from datasets import Dataset
+from qscope_rl import capture_residual, load_sae
+from qscope_rl.trainers import SAEGRPOConfig, SAEGRPOTrainer
+from qscope_rl.world.world import World
+
+world_path, zh_pack, loop_pack, out = sys.argv[1:5]
+world = World(world_path)
+sae = load_sae(world.sae_dir, layer=world.layer)
+rank = int(os.environ["RANK"])
+report = {}
+for capture in ("generation", "forward"):
+    calls, rollouts = [], []
+
+    def recording(prompts, completions, sae_activations, sae_amplified, **kwargs):
+        calls.append((sae_activations, sae_amplified))
+        return [0.0] * len(completions)
+
+    recording.__name__ = "recording"
+    args = SAEGRPOConfig(output_dir=os.path.join(out, capture), per_device_train_batch_size=4, num_generations=4,
+                         max_completion_length=8, max_steps=1, bf16=False, report_to="none", save_strategy="no",
+                         use_cpu=True, seed=0, gradient_checkpointing=False, sae_source=str(world.sae_dir),
+                         sae_layer=world.layer, code_switch_pack=zh_pack, amplify_pack=loop_pack, amplify_alpha=10.0,
+                         sae_capture=capture)
+    prompts = [p.text for p in world.prompts("train", lang="en")[:8]]
+    trainer = SAEGRPOTrainer(model=world.model, reward_funcs=[recording], args=args, processing_class=world.tokenizer,
+                             train_dataset=Dataset.from_dict({"prompt": prompts}))
+    generate = trainer._generate
+    trainer._generate = lambda p: rollouts.append(generate(p)) or rollouts[-1]
+    trainer.train()
+    prompt_ids, completion_ids = rollouts[0][0], rollouts[0][1]
+    acts, amplified = calls[0]
+    errors, masks_ok, checked = [], True, 0
+    with torch.no_grad():
+        for a, p, c in zip(acts, prompt_ids, completion_ids):  # an unpadded, unsteered forward of each row alone
+            with capture_residual(world.model, world.layer) as cap:
+                world.model(input_ids=torch.tensor([p + c]))
+            ref = sae.encode(cap.last[0, len(p):])
+            keep = a.mask[0, :len(c)]
+            masks_ok &= keep.tolist() == [t < len(c) - 1 and c[t] not in trainer.eos_token_ids for t in range(len(c))]
+            ours = torch.zeros(len(c), sae.d_sae).scatter_add_(1, a.indices[0, :len(c)], a.values[0, :len(c)].float())
+            errors.append(float((ours[keep] - ref[keep]).abs().max()) if keep.any() else 0.0)
+            checked += int(keep.sum())
+    report[capture] = dict(max_error=max(errors), masks_ok=masks_ok, checked=checked, amplified=list(amplified),
+                           path=trainer.sae_capture_path, world_size=trainer.accelerator.num_processes)
+with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+    json.dump(report, f)
+'''
+
+
+@pytest.mark.slow
+def test_two_processes_hand_every_rank_its_own_aligned_rows(world, pack_files, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "align.py"
+    script.write_text(TWO_PROCESS_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+           str(world.path), str(pack_files["zh"]), str(pack_files["loop"]), str(tmp_path)]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for rank in (0, 1):
+        report = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        for capture, r in report.items():
+            assert r["world_size"] == 2 and r["path"] == capture
+            assert r["masks_ok"] and r["checked"] > 0 and r["max_error"] < 1e-3, (rank, capture, r)
+            # the first of every group of 4 is steered, by global row: rank 1 holds rows 4..7
+            assert r["amplified"] == [True, False, False, False], (rank, capture)
