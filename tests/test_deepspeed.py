@@ -62,8 +62,8 @@ def test_hooks_and_helper_reach_layers_through_an_engine_wrapper(world, packs):
 
 ENGINE_SCRIPT = '''
 import json, os, sys
-import deepspeed.comm.torch as ds_comm
-ds_comm.build_shm_op = lambda: None  # gloo for every collective, no JIT-compiled shared-memory op
+import deepspeed.comm.torch  # noqa: F401
+sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # gloo only: no JIT-built shm op
 import torch
 from datasets import Dataset
 from qscope_rl.hooks import _LayerHook, _raise_stop_forward, unwrap_model
