@@ -78,6 +78,7 @@ config = {"zero_optimization": {"stage": int(stage)}, "train_micro_batch_size_pe
 args = SAEGRPOConfig(output_dir=os.path.join(out, capture), per_device_train_batch_size=4, num_generations=4,
                      max_completion_length=8, max_steps=2, learning_rate=5e-4, bf16=False, report_to="none",
                      logging_steps=1, save_strategy="no", seed=0, gradient_checkpointing=False, deepspeed=config,
+                     ddp_backend="gloo",  # else accelerate, finding no GPU, counts 1 process beside DeepSpeed's 2
                      sae_source=str(world.sae_dir), sae_layer=world.layer, code_switch_pack=zh_pack,
                      aux_loss_weight=0.1, amplify_pack=loop_pack, amplify_alpha=4.0, sae_capture=capture)
 prompts = [p.text for p in world.prompts("train", lang="en")[:8]]
