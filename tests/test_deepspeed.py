@@ -73,12 +73,17 @@ from qscope_rl.world.world import World
 
 world_path, zh_pack, loop_pack, out, stage, capture = sys.argv[1:7]
 world = World(world_path)
+# transformers gives accelerate no backend under DeepSpeed; on a machine without GPUs accelerate then counts 1
+# process beside DeepSpeed's 2 (its gather fails). A state set up first, with gloo, is used as configured.
+from accelerate import PartialState
+os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+PartialState(backend="gloo")
 config = {"zero_optimization": {"stage": int(stage)}, "train_micro_batch_size_per_gpu": "auto",
           "gradient_accumulation_steps": "auto", "bf16": {"enabled": False}, "zero_allow_untested_optimizer": True}
 args = SAEGRPOConfig(output_dir=os.path.join(out, capture), per_device_train_batch_size=4, num_generations=4,
                      max_completion_length=8, max_steps=2, learning_rate=5e-4, bf16=False, report_to="none",
                      logging_steps=1, save_strategy="no", seed=0, gradient_checkpointing=False, deepspeed=config,
-                     ddp_backend="gloo",  # else accelerate, finding no GPU, counts 1 process beside DeepSpeed's 2
+                     accelerator_config={"use_configured_state": True},
                      sae_source=str(world.sae_dir), sae_layer=world.layer, code_switch_pack=zh_pack,
                      aux_loss_weight=0.1, amplify_pack=loop_pack, amplify_alpha=4.0, sae_capture=capture)
 prompts = [p.text for p in world.prompts("train", lang="en")[:8]]
