@@ -78,7 +78,9 @@ world = World(world_path)
 from accelerate import PartialState
 os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
 PartialState(backend="gloo")
-config = {"zero_optimization": {"stage": int(stage)}, "train_micro_batch_size_per_gpu": "auto",
+# persistence threshold 0: ZeRO-3 partitions every parameter (the tiny model's would all stay resident otherwise)
+config = {"zero_optimization": {"stage": int(stage), "stage3_param_persistence_threshold": 0},
+          "train_micro_batch_size_per_gpu": "auto",
           "gradient_accumulation_steps": "auto", "bf16": {"enabled": False}, "zero_allow_untested_optimizer": True}
 args = SAEGRPOConfig(output_dir=os.path.join(out, capture), per_device_train_batch_size=4, num_generations=4,
                      max_completion_length=8, max_steps=2, learning_rate=5e-4, bf16=False, report_to="none",
