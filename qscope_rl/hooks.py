@@ -201,7 +201,8 @@ def capture_residual(model: nn.Module, layer: int, **kwargs) -> ResidualCapture:
 class ResidualEdit(_LayerHook):
     """Adds ``delta_fn(hidden)`` to the residual stream after ``layer``, on chosen rows and positions.
 
-    ``rows``: batch indices to edit (None = all rows). ``positions``: token positions to edit (None =
+    ``rows``: batch indices to edit (None = all rows); a forward whose batch lacks one of them raises
+    ``IndexError`` (e.g. beam search expands every row into several). ``positions``: token positions to edit (None =
     all); a position is the token's index in its sequence as the model numbers it (``position_ids``,
     which HF generation derives from the attention mask, so left padding does not shift it). When a
     layer gets no ``position_ids``, positions are counted across successive forwards (prefill, then
@@ -240,8 +241,12 @@ class ResidualEdit(_LayerHook):
         delta = self.delta_fn(hidden).to(hidden.dtype)  # (d,) or (B, T, d)
         mask = self._position_mask(hidden, kwargs.get("position_ids"))  # (B, T) or None
         if self.rows is not None:
+            outside = self.rows[(self.rows >= hidden.shape[0]) | (self.rows < -hidden.shape[0])]
+            if outside.numel():  # a row silently left unsteered would make a steered sample look like a normal one
+                raise IndexError(f"ResidualEdit on layer {self.layer}: rows {outside.tolist()} are outside this "
+                                 f"forward's batch of {hidden.shape[0]} rows")
             row_mask = torch.zeros(hidden.shape[0], dtype=torch.bool, device=hidden.device)
-            row_mask[self.rows[self.rows < hidden.shape[0]].to(hidden.device)] = True
+            row_mask[self.rows.to(hidden.device)] = True
             mask = row_mask[:, None] if mask is None else mask & row_mask[:, None]
         self._offset += seq
         if mask is not None:  # unrestricted edits (the common case) skip the mask: one add per forward

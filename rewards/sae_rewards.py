@@ -35,7 +35,7 @@ class SAECodeSwitchPenalty:
     features on completion token t (`code_switch_scores`).
 
     ``threshold``: per-token evidence that clean text in the wanted language reaches costs nothing, so the
-    penalty adds no noise to clean rollouts; calibrate it with `qscope_rl.detection.calibrate_threshold`.
+    penalty adds no noise to clean rollouts; calibrate it with `qscope_rl.features.detection.calibrate_threshold`.
     ``use_pre=True`` scores the features' pre-activations, which rise one token before the switch.
 
     Example::
@@ -78,7 +78,7 @@ class SAERepetitionPenalty:
 
 
 class SAEProbePenalty:
-    """``-weight * P(failure)``: the sigmoid of a completion probe's logit (`qscope_rl.probe`).
+    """``-weight * P(failure)``: the sigmoid of a completion probe's logit (`qscope_rl.features.probe`).
 
     For failures a feature pack separates poorly, such as loops on the demo world; the probe is fitted once on
     labelled texts (``fit_completion_probe``) and saved. The SAE trainers check at construction that it was

@@ -75,9 +75,9 @@ def test_trainer_trains_and_logs_sae_metrics(world, pack_files, tmp_path):
     logs = trainer.state.log_history
     assert any("loss" in entry for entry in logs)
     keys = set().union(*logs)
-    for key in ("sae/code_switch_rate", "sae/repetition_rate", "sae/aux_loss", "sae/top_feature_0/id",
-                "rewards/sae_code_switch/mean"):
+    for key in ("sae/code_switch_rate", "sae/repetition_rate", "sae/aux_loss", "rewards/sae_code_switch/mean"):
         assert key in keys, key
+    assert any(k.startswith("sae/feature_rate/") for k in keys)
     assert any(not torch.equal(b, p) for b, p in zip(before, trainer.model.parameters()))
     assert not any(n.startswith("sae") for n, _ in trainer.model.named_parameters())  # SAE stays outside
 

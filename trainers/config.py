@@ -133,6 +133,22 @@ class SAERLOOConfig(RLOOConfig, SAEArguments):
         super().__post_init__()
 
 
+def sae_trainer_config(config_class: type, args, model, trainer_name: str):
+    """The config an SAE RL trainer runs with, checked before its TRL parent sets anything up: ``args`` itself when it
+    is a ``config_class``; ``None`` builds its default, named after the model as TRL names its own
+    (``"<model>-GRPO"``); anything else (a plain `trl.GRPOConfig`, which has no SAE fields) is refused."""
+    if args is None:
+        from trl.trainer.utils import get_config_model_id
+
+        name = model if isinstance(model, str) else get_config_model_id(model.config)
+        return config_class(output_dir=f"{name.split('/')[-1]}-{trainer_name}")
+    if not isinstance(args, config_class):
+        raise TypeError(f"SAE{trainer_name}Trainer needs an {config_class.__name__} (TRL's own config plus the SAE "
+                        f"fields), got {type(args).__name__}: build {config_class.__name__}(...) with the same "
+                        f"arguments")
+    return args
+
+
 SASFT_ALPHAS = ("pack", "zero")
 
 

@@ -15,23 +15,23 @@ from __future__ import annotations
 
 from trl import GRPOTrainer
 
-from .config import SAEGRPOConfig
+from .config import SAEGRPOConfig, sae_trainer_config
 from .sae_mixin import SAETrainerMixin
 
 
 class SAEGRPOTrainer(SAETrainerMixin, GRPOTrainer):
     _tag_names = ["trl", "grpo", "qscope-rl", "sae"]
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        if not isinstance(self.args, SAEGRPOConfig):
-            raise TypeError(f"SAEGRPOTrainer needs an SAEGRPOConfig, got {type(self.args).__name__}")
+    def __init__(self, model, reward_funcs=None, args=None, *more, **kwargs):
+        # The config is checked (or defaulted) before the parent's whole set-up: a drop-in for GRPOTrainer.
+        args = sae_trainer_config(SAEGRPOConfig, args, model, "GRPO")
+        super().__init__(model, reward_funcs, args, *more, **kwargs)
         self._init_sae()
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
         if self.sae is None:
             return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations,
                                                  has_tool_images)
-        with self._rollout_hooks(len(prompt_ids), num_generations):
+        with self._rollout_hooks(prompt_ids):
             return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations,
                                                  has_tool_images)

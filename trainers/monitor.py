@@ -133,7 +133,12 @@ class SAEMonitor:
     def _encode_batch(self, model: nn.Module, probes: list[str]):
         device = next(model.parameters()).device
         tok = self.tokenizer
-        enc = tok(probes, return_tensors="pt", padding=True, add_special_tokens=not self.sample).to(device)
+        # Sampling continues from the last column: left-pad, or generation continues after pad tokens.
+        side, tok.padding_side = tok.padding_side, "left" if self.sample else tok.padding_side
+        try:
+            enc = tok(probes, return_tensors="pt", padding=True, add_special_tokens=not self.sample).to(device)
+        finally:
+            tok.padding_side = side
         if self.sample:
             input_ids, attention_mask, region = self._sample(model, enc)
         else:

@@ -11,21 +11,21 @@ from __future__ import annotations
 
 from trl import RLOOTrainer
 
-from .config import SAERLOOConfig
+from .config import SAERLOOConfig, sae_trainer_config
 from .sae_mixin import SAETrainerMixin
 
 
 class SAERLOOTrainer(SAETrainerMixin, RLOOTrainer):
     _tag_names = ["trl", "rloo", "qscope-rl", "sae"]
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        if not isinstance(self.args, SAERLOOConfig):
-            raise TypeError(f"SAERLOOTrainer needs an SAERLOOConfig, got {type(self.args).__name__}")
+    def __init__(self, model, reward_funcs=None, args=None, *more, **kwargs):
+        # The config is checked (or defaulted) before the parent's whole set-up: a drop-in for RLOOTrainer.
+        args = sae_trainer_config(SAERLOOConfig, args, model, "RLOO")
+        super().__init__(model, reward_funcs, args, *more, **kwargs)
         self._init_sae()
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields):
         if self.sae is None:
             return super()._generate_single_turn(prompt_ids, images, multimodal_fields)
-        with self._rollout_hooks(len(prompt_ids), self.num_generations):
+        with self._rollout_hooks(prompt_ids):
             return super()._generate_single_turn(prompt_ids, images, multimodal_fields)

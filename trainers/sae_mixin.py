@@ -6,9 +6,11 @@ between GRPO and RLOO). The mixin overrides these TRL methods, each deferring to
 is configured:
 
 - `_generate`: encodes the rollouts once per generation batch (sparse), from the residual captured during
-  generation or from one no-grad forward that stops after the SAE layer;
+  generation or from one no-grad forward that stops after the SAE layer (`rollout_capture` says which
+  settings take which path, and which completion tokens count); amplified rows are chosen per call;
 - `_calculate_rewards`: reward functions also receive ``sae_activations`` (one `CompletionActivations`
-  per completion, aligned to its tokens) and ``sae_amplified``; `sae/*` metrics are logged;
+  per completion, aligned to its tokens, read from the UNSTEERED residual in both paths) and
+  ``sae_amplified``; `sae/*` metrics are logged (`SAEMetricsMixin`);
 - `_compute_loss`: adds the SASFT / suppression term from a hook on the training forward;
 - `_save_checkpoint` / `train` (from `SAECheckpointMixin`): the SAE's source, layer and packs are saved
   beside each checkpoint and checked on resume.
@@ -24,20 +26,34 @@ from contextlib import ExitStack, contextmanager
 import torch
 from torch import Tensor
 from transformers import TrainerCallback
+from transformers.utils import logging
+from trl.distributed import DistributedBackend
+from trl.models import unwrap_model_for_generation
 
 from qscope_rl.features.aux_loss import FeatureAuxLoss
 from qscope_rl.features.classifier import FeatureClassifier
-from qscope_rl.features.detection import code_switch_scores, encode_completions, repetition_scores
+from qscope_rl.features.detection import encode_completions
 from qscope_rl.features.feature_pack import FeaturePack
-from qscope_rl.features.probe import completion_probe_tail, probe_scores
+from qscope_rl.features.probe import completion_probe_tail
 from qscope_rl.hooks import ForwardToLayer, add_to_residual, capture_residual, decoder_layer, hidden_size
 from qscope_rl.sae.loaders import load_sae
 
 from .checkpoint import SAECheckpointMixin
 from .feature_table import FeatureTableMixin
+from .rollout_capture import (
+    GenerationCapture,
+    capture_blocker,
+    detection_mask,
+    num_beams,
+    padded_width,
+    steering_blocker,
+)
+from .sae_metrics import SAEMetricsMixin
+
+logger = logging.get_logger(__name__)
 
 
-class SAETrainerMixin(FeatureTableMixin, SAECheckpointMixin):
+class SAETrainerMixin(FeatureTableMixin, SAEMetricsMixin, SAECheckpointMixin):
     _sae_pack_fields = ("code_switch_pack", "repetition_pack", "aux_loss_pack", "amplify_pack")
     # Defaults that make every SAE step a no-op until `_init_sae` loads an SAE.
     sae = None
@@ -47,8 +63,9 @@ class SAETrainerMixin(FeatureTableMixin, SAECheckpointMixin):
     _rollout_acts = None
     _amplified = None
     _amplify_vector = None
-    _rollout_completion_ids = None
-    _top_features: list[dict] = []
+    _rollout_completion_ids = None  # decoded for the top-features table
+    _turns = 0
+    sae_capture_path = None  # "generation" or "forward": where the last batch's residual came from
 
     # -- set-up ---------------------------------------------------------------------------------------
 
@@ -109,85 +126,95 @@ class SAETrainerMixin(FeatureTableMixin, SAECheckpointMixin):
         pack.check_compatible(self.sae, layer=self.sae_layer)
         return pack
 
-    def _generation_is_hookable(self) -> tuple[bool, str]:
-        if getattr(self, "use_vllm", False):
-            return False, "vLLM generates in its own engine"
-        if getattr(self, "use_transformers_continuous_batching", False):
-            return False, "continuous batching interleaves requests"
-        if getattr(self, "tools", None):
-            return False, "tool calls extend completions after generation"
-        return True, ""
-
     def _resolve_capture_mode(self) -> str:
-        hookable, why = self._generation_is_hookable()
-        if self._amplify_vector is not None and not hookable:
-            raise ValueError(f"amplified sampling steers generation with a forward hook, which cannot reach this "
-                             f"generation backend ({why}); use plain HF generation (use_vllm=False) or drop "
-                             f"amplify_pack")
+        steer_blocked = steering_blocker(self)
+        if self._amplify_vector is not None and steer_blocked:
+            raise ValueError(f"amplified sampling steers generation with a forward hook, which cannot reach these "
+                             f"rollouts ({steer_blocked}); use plain HF generation (use_vllm=False, no tools, no "
+                             f"rollout_func) or drop amplify_pack")
+        why = capture_blocker(self)
         mode = self.args.sae_capture
-        if mode == "generation" and not hookable:
+        if mode == "generation" and why:
             raise ValueError(f"sae_capture='generation' is impossible here ({why}); use 'forward' or 'auto'")
         if mode == "auto":
-            mode = "generation" if hookable else "forward"
+            mode = "forward" if why else "generation"
+        if mode == "forward" and getattr(self, "_is_vlm", False):
+            chosen = f" ('auto' chose it: {why})" if why and self.args.sae_capture == "auto" else ""
+            raise ValueError(f"sae_capture='forward'{chosen} cannot encode a VLM's rollouts: the early-exit forward "
+                             f"feeds token ids only, so image placeholders would be embedded as text; use "
+                             f"sae_capture='generation' with plain HF generation (no vLLM, tools or beam search)")
+        logger.info(f"SAE rollouts are encoded from the {mode} path" + (f" ({why})" if why else ""))
         return mode
+
+    def _eos_token_ids(self) -> list[int]:
+        """Every id TRL stops generation on (Qwen3 instruct has two); a processor's tokenizer's for VLMs."""
+        ids = getattr(self, "eos_token_ids", None)
+        if ids is None:
+            tokenizer = getattr(self, "_tokenizer", None) or getattr(self.processing_class, "tokenizer",
+                                                                      self.processing_class)
+            ids = [getattr(tokenizer, "eos_token_id", None)]
+        return [int(i) for i in ids if i is not None]
 
     # -- generation -----------------------------------------------------------------------------------
 
-    def _amplified_rows(self, num_rows: int, num_generations: int) -> Tensor:
-        """Rows steered in this process: the first m of every group, by global row index."""
+    def _amplified_rows(self, num_rows: int) -> Tensor:
+        """Rows steered in this process: the first m of every group, by global row index (none in eval)."""
+        if self._amplify_vector is None or not self.model.training:
+            return torch.zeros(num_rows, dtype=torch.bool)
         first = self.accelerator.process_index * num_rows
         global_index = torch.arange(first, first + num_rows)
-        return (global_index % num_generations) < self.args.amplify_num_rollouts
+        return (global_index % self.num_generations) < self.args.amplify_num_rollouts
 
     @contextmanager
-    def _rollout_hooks(self, num_rows: int, num_generations: int):
-        """Around one generation call: amplify the chosen rows, and capture the residual if we can."""
-        self._captured = None
-        self._amplified = torch.zeros(num_rows, dtype=torch.bool)
+    def _rollout_hooks(self, prompt_ids: list[list[int]]):
+        """Around the first `_generate_single_turn` of a `_generate` call: capture the unsteered residual, and
+        steer every beam of the amplified rows. TRL's tool loop calls it again for the rows that made a tool call
+        (their completions are encoded by the forward, and amplification is refused with tools): no hooks there."""
+        self._turns += 1
+        if self._turns > 1 or self._amplified is None or len(self._amplified) != len(prompt_ids):
+            yield
+            return
         with ExitStack() as stack:
-            if self._amplify_vector is not None and self.model.training:
-                self._amplified = self._amplified_rows(num_rows, num_generations)
-                rows = self._amplified.nonzero().flatten()
-                stack.enter_context(add_to_residual(self.model_wrapped, self.sae_layer, self._amplify_vector,
-                                                    rows=rows))
             capture = None
             if self._capture_mode == "generation":
-                capture = stack.enter_context(capture_residual(self.model_wrapped, self.sae_layer))
+                capture = GenerationCapture(padded_width(prompt_ids, getattr(self, "pad_to_multiple_of", None)))
+                stack.enter_context(capture_residual(self.model_wrapped, self.sae_layer, on_forward=capture))
+            rows = self._amplified.nonzero().flatten()
+            if len(rows):  # registered after the capture: hooks run in order, so the capture reads h, not h + alpha d
+                beams = num_beams(self)
+                rows = (rows[:, None] * beams + torch.arange(beams)).flatten()  # generate repeats each row per beam
+                stack.enter_context(add_to_residual(self.model_wrapped, self.sae_layer, self._amplify_vector,
+                                                    rows=rows))
             yield
-            if capture is not None:
-                self._captured = capture.chunks
+            self._captured = capture
 
-    def _encode_rollouts(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]):
-        """Sparse SAE activations of every completion token, aligned to `completion_ids`."""
+    def _encode_rollouts(self, prompt_ids: list[list[int]], completion_ids: list[list[int]], tool_mask=None):
+        """Sparse SAE activations of every completion token, aligned to `completion_ids` (see `detection_mask`)."""
         device = self.accelerator.device
-        width = max((len(c) for c in completion_ids), default=0)
-        # A closing eos is not text: the residual there lights up language features (on the demo world it
-        # holds the largest "Chinese" score of most clean English rollouts), so detection leaves it out.
-        eos = getattr(self.processing_class, "eos_token_id", None)
-        text_lengths = [len(c) - (1 if len(c) and c[-1] == eos else 0) for c in completion_ids]
-        lengths = torch.tensor(text_lengths, device=device, dtype=torch.long)
-        mask = torch.arange(width, device=device)[None, :] < lengths[:, None]
-        if self._captured:
-            # Prefill covers the prompt; decode step t feeds completion token t-1. The token sampled last
-            # was never fed to the model, so it has no residual here and is left out of the mask.
-            prompt_len = self._captured[0].shape[1]
-            generated = torch.cat(self._captured, dim=1)[:, prompt_len:]
-            available = min(generated.shape[1], width)
-            hidden = generated.new_zeros(len(completion_ids), width, generated.shape[-1])
-            hidden[:, :available] = generated[:, :available]
-            mask &= torch.arange(width, device=device)[None, :] < available
-        else:
+        mask = detection_mask(completion_ids, self._eos_token_ids(), tool_mask, device=device)
+        capture, self._captured = self._captured, None
+        hidden = None
+        if capture is not None:
+            hidden, why = capture.completion_residual(len(completion_ids), mask.shape[1])
+            if hidden is None and getattr(self, "_is_vlm", False):
+                raise RuntimeError(f"cannot align the residual captured during generation ({why}), and a VLM's "
+                                   f"rollouts cannot be re-encoded by the text-only forward")
+            if hidden is None:
+                logger.warning_once(f"SAE rollouts: the residual captured during generation does not fit ({why}); "
+                                    f"encoding them with the early-exit forward instead")
+        self.sae_capture_path = "forward" if hidden is None else "generation"
+        if hidden is None:
             hidden = self._forward_to_sae_layer(prompt_ids, completion_ids)
-        self._captured = None
-        return encode_completions(self.sae, hidden, mask, tracked_ids=self._tracked_ids,
+        mode = "train" if self.model.training else "eval"
+        self._metrics[mode]["sae/capture_forward"].append(float(self.sae_capture_path == "forward"))
+        return encode_completions(self.sae, hidden, mask.to(hidden.device), tracked_ids=self._tracked_ids,
                                   chunk_tokens=self.sae.memory_bounded_chunk())
 
     @torch.no_grad()
     def _forward_to_sae_layer(self, prompt_ids, completion_ids) -> Tensor:
         """One no-grad forward over prompt + completion that stops after the SAE layer; (B, T_c, d)."""
         device = self.accelerator.device
-        pad_id = self.processing_class.pad_token_id if hasattr(self.processing_class, "pad_token_id") else 0
-        pad_id = pad_id if pad_id is not None else 0
+        pad_id = getattr(getattr(self, "_tokenizer", self.processing_class), "pad_token_id", None) or 0
         prompt_len = max(len(p) for p in prompt_ids)
         width = max((len(c) for c in completion_ids), default=0)
         rows, masks = [], []
@@ -201,15 +228,31 @@ class SAETrainerMixin(FeatureTableMixin, SAECheckpointMixin):
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         chunk = max(self.args.per_device_train_batch_size, 1)
         outputs = []
-        with ForwardToLayer(self.model_wrapped, self.sae_layer) as forward:
-            for start in range(0, len(rows), chunk):
-                sl = slice(start, start + chunk)
-                residual = forward.run(input_ids=input_ids[sl], attention_mask=attention_mask[sl],
-                                       position_ids=position_ids[sl], use_cache=False)
-                outputs.append(residual[:, prompt_len:])
+        # An exception raised out of an engine's forward skips its end-of-forward hooks (ZeRO-3 parameter release
+        # and trace reset, FSDP resharding). Like TRL's generation, run the unwrapped module (ZeRO-3: gathered, its
+        # hooks removed) and stop early there; where the engine's hooks stay on, run the forward to its end.
+        dist = DistributedBackend(self.accelerator)
+        gather = getattr(self.args, "ds3_gather_for_generation", True)
+        early_exit = not dist.is_fsdp and not (dist.is_zero3 and not gather)
+        checkpointing = self.args.gradient_checkpointing_kwargs
+        with unwrap_model_for_generation(self.model_wrapped, self.accelerator, gather_deepspeed3_params=gather,
+                                         gradient_checkpointing_kwargs=checkpointing) as model:
+            hook = ForwardToLayer(model, self.sae_layer) if early_exit else capture_residual(model, self.sae_layer)
+            with hook:
+                for start in range(0, len(rows), chunk):
+                    sl = slice(start, start + chunk)
+                    inputs = dict(input_ids=input_ids[sl], attention_mask=attention_mask[sl],
+                                  position_ids=position_ids[sl], use_cache=False)
+                    if early_exit:
+                        residual = hook.run(**inputs)
+                    else:
+                        hook.clear()
+                        model(**inputs)
+                        residual = hook.last
+                    outputs.append(residual[:, prompt_len:])
         return torch.cat(outputs) if outputs else torch.zeros(0, width, hidden_size(self.model), device=device)
 
-    # -- rewards and metrics --------------------------------------------------------------------------
+    # -- rewards ----------------------------------------------------------------------------------------
 
     @contextmanager
     def _with_sae_reward_kwargs(self, inputs: list[dict]):
@@ -227,63 +270,6 @@ class SAETrainerMixin(FeatureTableMixin, SAECheckpointMixin):
                 example.pop("sae_activations", None)
                 example.pop("sae_amplified", None)
 
-    def _log_sae_metrics(self, mode: str, rewards_per_func: Tensor | None = None) -> None:
-        acts = self._rollout_acts
-        if self.sae is None or acts is None:
-            return
-        gather = self.accelerator.gather
-        metrics = self._metrics[mode]
-        threshold = self.args.sae_detect_threshold
-        device = self.accelerator.device
-        problem_ids = []
-        if self.code_switch_pack is not None:
-            scores = code_switch_scores(acts, self.code_switch_pack).per_completion.to(device)
-            metrics["sae/code_switch_rate"].append(gather((scores > threshold).float()).mean().item())
-            metrics["sae/code_switch_score"].append(gather(scores.float()).mean().item())
-            problem_ids.append(self.code_switch_pack.ids)
-        if self.repetition_pack is not None:
-            scores = repetition_scores(acts, self.repetition_pack).per_completion.to(device)
-            metrics["sae/repetition_rate"].append(gather((scores > threshold).float()).mean().item())
-            metrics["sae/repetition_score"].append(gather(scores.float()).mean().item())
-            problem_ids.append(self.repetition_pack.ids)
-        if self.repetition_probe is not None:
-            positive = probe_scores(acts, self.repetition_probe).to(device) > 0
-            metrics["sae/repetition_probe_rate"].append(gather(positive.float()).mean().item())
-        if problem_ids and self.args.sae_log_top_features > 0:
-            self._log_top_features(metrics, torch.unique(torch.cat(problem_ids)))
-        if self._amplified is not None and rewards_per_func is not None and self._amplify_vector is not None:
-            weights = self.reward_weights.to(rewards_per_func.device)
-            total = (rewards_per_func * weights).nansum(dim=1)  # gathered over processes already
-            amplified = gather(self._amplified.to(device))
-            metrics["sae/amplified_fraction"].append(amplified.float().mean().item())
-            if amplified.any():
-                metrics["sae/reward_amplified"].append(total[amplified].mean().item())
-            if (~amplified).any():
-                metrics["sae/reward_normal"].append(total[~amplified].mean().item())
-
-    def _log_top_features(self, metrics, ids: Tensor) -> None:
-        """Firing rate over completion tokens of the most active problem features (ids as metric values)."""
-        acts = self._rollout_acts
-        ids = ids.to(acts.indices.device)
-        match = (acts.indices.unsqueeze(-1) == ids) & (acts.values.unsqueeze(-1) > 0) & acts.mask[..., None, None]
-        fires = match.any(-2).sum((0, 1)).float()  # (f,) tokens where each fires
-        total = (acts.values.unsqueeze(-1) * match).sum((0, 1, 2)).float()  # (f,) summed activation there
-        counts = torch.stack([fires, total, acts.mask.sum().float().expand(len(ids))])
-        counts = self.accelerator.reduce(counts.to(self.accelerator.device), reduction="sum")
-        rates, means = counts[0] / counts[2].clamp(min=1.0), counts[1] / counts[0].clamp(min=1.0)
-        top = rates.argsort(descending=True, stable=True)[: self.args.sae_log_top_features]
-        self._top_features = [{"id": int(ids[i]), "rate": rates[i].item(), "mean_activation": means[i].item()}
-                              for i in top.tolist()]
-        for rank, feature in enumerate(self._top_features):
-            metrics[f"sae/top_feature_{rank}/id"].append(float(feature["id"]))
-            metrics[f"sae/top_feature_{rank}/rate"].append(feature["rate"])
-
-    def sae_top_features(self) -> list[dict]:
-        """The last generation batch's most active problem features over every process's completion tokens, most
-        frequent first: ``[{"id", "rate", "mean_activation"}, ...]`` (rate: share of completion tokens where it
-        fires; mean_activation: its mean value there), at most ``sae_log_top_features`` of them."""
-        return [dict(f) for f in self._top_features]
-
     # -- loss -----------------------------------------------------------------------------------------
 
     def _add_aux_loss(self, model, inputs, compute):
@@ -294,9 +280,11 @@ class SAETrainerMixin(FeatureTableMixin, SAECheckpointMixin):
             loss = compute()
         hidden = torch.cat(capture.chunks, dim=0) if len(capture.chunks) > 1 else capture.last
         mask = inputs["completion_mask"]
-        eos = getattr(self.processing_class, "eos_token_id", None)
-        if eos is not None and "completion_ids" in inputs:
-            mask = mask * (inputs["completion_ids"] != eos)  # the closing eos is not text (see _encode_rollouts)
+        if inputs.get("tool_mask") is not None:
+            mask = mask * inputs["tool_mask"]  # tool results: the policy never generated them (TRL's loss mask)
+        if "completion_ids" in inputs:  # EOS ids are not text (see detection_mask)
+            eos = torch.tensor(self._eos_token_ids(), device=inputs["completion_ids"].device, dtype=torch.long)
+            mask = mask * ~torch.isin(inputs["completion_ids"], eos)
         aux = self.aux_loss(hidden[:, -mask.shape[1]:], mask)
         mode = "train" if self.model.training else "eval"
         # TRL scales GRPO losses for gradient accumulation itself (loss_is_scaled_for_ga); do the same for
@@ -309,11 +297,14 @@ class SAETrainerMixin(FeatureTableMixin, SAECheckpointMixin):
     # -- TRL overrides shared by GRPO and RLOO --------------------------------------------------------
 
     def _generate(self, prompts):
+        if self.sae is None:
+            return super()._generate(prompts)
+        # Rows and the amplified-row mask belong to the whole call: the tool loop regenerates subsets of rows.
+        self._amplified, self._captured, self._turns = self._amplified_rows(len(prompts)), None, 0
         output = super()._generate(prompts)
-        if self.sae is not None:
-            prompt_ids, completion_ids = output[0], output[1]
-            self._rollout_acts = self._encode_rollouts(prompt_ids, completion_ids)
-            self._rollout_completion_ids = completion_ids  # decoded for the top-features table
+        tool_mask = output[2] if len(output) == 8 else None  # GRPO: (prompt_ids, completion_ids, tool_mask, ...)
+        self._rollout_acts = self._encode_rollouts(output[0], output[1], tool_mask)
+        self._rollout_completion_ids = output[1]  # decoded for the top-features table
         return output
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):

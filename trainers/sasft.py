@@ -6,7 +6,7 @@ with h the residual after decoder layer L, s the unwanted language's features (a
 each feature's mean pre-activation (the pack's ``mean_pre``, or 0 with ``sasft_alpha="zero"``).
 
 What differs from the parent: `compute_loss` runs the parent's loss with a forward hook capturing the
-layer-L residual (with its graph) and adds the term from `qscope_rl.aux_loss.FeatureAuxLoss`; `sae/aux_loss`
+layer-L residual (with its graph) and adds the term from `qscope_rl.features.aux_loss.FeatureAuxLoss`; `sae/aux_loss`
 is logged; the SAE's source, layer and pack are saved beside every checkpoint and checked on resume
 (`SAECheckpointMixin`). The SAE is an attribute of the trainer, not a submodule of the model: never saved,
 never trained, never partitioned by ZeRO. With `sae_source=None` it is `SFTTrainer`.

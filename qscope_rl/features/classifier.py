@@ -87,7 +87,7 @@ class FeatureClassifier:
     tensors: dict[str, Tensor] = field(default_factory=dict)
     # rule: ids_<c> (K,) feature ids, weights_<c> (K,) P(fire|c) - P(fire|rest), thresholds_<c> (K,) (0: > 0)
     # logistic: coef (C, d_sae), intercept (C,), mean (d_sae,), scale (d_sae,)
-    features: str = "max_acts"  # how its per-text input was pooled ("tail_mean:<n>": `qscope_rl.probe`)
+    features: str = "max_acts"  # how its per-text input was pooled ("tail_mean:<n>": `qscope_rl.features.probe`)
 
     # -- fitting --------------------------------------------------------------------------------------
 
@@ -200,7 +200,7 @@ class FeatureClassifier:
         self.check_sae(sae)
         if self.features != "max_acts":
             raise ClassifierError(f"this classifier reads {self.features!r} features, not per-text max_acts: "
-                                  "score it with qscope_rl.probe.probe_scores")
+                                  "score it with qscope_rl.features.probe.probe_scores")
         return self.predict(encode_texts(model, tokenizer, sae, texts, desc="classify: encode", **kwargs).max_acts)
 
     # -- saving ---------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Controllable inference: generate with SAE features amplified or suppressed, and measure what it costs.
 
-Builds on ``qscope_rl.steering.steer`` (the context manager that adds ``alpha * d_j`` or clamps a feature)
+Builds on ``qscope_rl.tools.steering.steer`` (the context manager that adds ``alpha * d_j`` or clamps a feature)
 with what a steering session needs around it:
 
 - strengths relative to a feature's typical activation: the Qwen-Scope demo's presets light / medium /

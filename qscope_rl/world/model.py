@@ -144,7 +144,7 @@ def sample(
     """Batched generate (left padding); returns the completions only, special tokens dropped.
 
     Pure ancestral sampling at `temperature` (no top-k / top-p truncation, unlike HF's defaults);
-    temperature 0 means greedy. The global torch RNG is left untouched. (`qscope_rl.steered_generation.generate`.)
+    temperature 0 means greedy. The global torch RNG is left untouched. (`qscope_rl.tools.steered_generation.generate`.)
     """
     return generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
                     batch_size=batch_size, progress=False)
