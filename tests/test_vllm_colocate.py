@@ -18,6 +18,7 @@ vllm = pytest.importorskip("vllm", reason="vLLM is not installed (CI runs these 
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from torch.testing import assert_close  # noqa: E402
+from vllm_cpu_sync import use_vllm_reload_on_cpu  # noqa: E402
 
 from qscope_rl import SparseActs, add_to_residual, capture_residual, load_sae  # noqa: E402
 from qscope_rl.feature_pack import FeaturePack  # noqa: E402
@@ -41,24 +42,6 @@ class RecordingReward:
         self.calls.append(dict(prompts=prompts, completion_ids=completion_ids, acts=kwargs.get("sae_activations"),
                                amplified=kwargs.get("sae_amplified")))
         return [0.0] * len(completions)
-
-
-def use_vllm_reload_on_cpu(generation) -> list:
-    """TEST-ONLY bridge of a TRL / vLLM-CPU gap: vLLM's CPU kernels repack linear weights after loading, so
-    TRL's `load_weights` sync fails there ('Parameter' object has no attribute 'weight_loader'); vLLM's own
-    in-place reload does the same job. On GPU, TRL's sync runs unchanged. Returns the list of sync calls."""
-    runner = model_runner(generation.llm)
-    calls = []
-    if runner.device.type != "cpu":
-        return calls
-
-    def sync_weights():
-        runner.reload_weights(weights_iterator=generation._iter_named_params())
-        generation.llm.reset_prefix_cache()
-        calls.append(1)
-
-    generation.sync_weights = sync_weights
-    return calls
 
 
 @pytest.fixture(scope="module")
