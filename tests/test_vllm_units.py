@@ -71,3 +71,14 @@ def test_captured_completions_land_on_their_rows_and_tokens():
     assert acts.values[0, 0, 0] == 3.0 and acts.values[0, 1, 0] in (2.0, 7.0) and acts.values[1, 0, 0] == 1.0
     assert acts.values[0, 2].eq(0).all() and acts.values[1, 2].eq(0).all()  # nothing captured there
     assert acts.pre[1, 0, 0] == 0.0 and acts.pre[0, 0, 0] == 2.0
+
+
+def test_readme_shows_the_vllm_test_command_ci_runs():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    ci = (root / ".ci" / "run").read_text()
+    command = next(line for line in ci.splitlines() if line.startswith("VLLM_TEST_COMMAND="))
+    command = command.split("=", 1)[1].strip("'\"")
+    assert command in (root / "README.md").read_text()
+    assert (root / command.split()[-1]).exists()  # the vLLM test module CI names
