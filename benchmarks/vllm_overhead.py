@@ -51,7 +51,7 @@ def vllm_world(cache_dir=None):
 def random_pack(sae_dir: Path, layer: int, d_in: int, d_sae: int) -> Path:
     from qscope_rl.feature_pack import Feature, FeaturePack
 
-    pack = FeaturePack(name="random", method="random", model="benchmark", sae_source=str(sae_dir), layer=layer,
+    pack = FeaturePack(name="random", method="contrastive", model="benchmark", sae_source=str(sae_dir), layer=layer,
                        d_sae=d_sae, d_in=d_in, features=[Feature(id=i, name=f"f{i}", score=1.0) for i in (0, 1)])
     path = sae_dir / "pack.json"
     pack.save(path)
