@@ -39,9 +39,10 @@ class SAEArguments(SAESourceArguments):
 
     sae_capture: str = field(
         default="auto",
-        metadata={"help": "How rollouts are encoded: 'generation' captures the residual during HF generate (no "
-                  "extra forward), 'forward' runs one no-grad forward that stops after the SAE layer (vLLM, "
-                  "tools), 'auto' picks 'generation' when it can."},
+        metadata={"help": "How rollouts are encoded: 'generation' captures the residual while rollouts are "
+                  "generated (HF generate, or inside vLLM with vllm_mode='colocate'; no extra forward), 'forward' "
+                  "runs one no-grad forward that stops after the SAE layer (vLLM server, tools), 'auto' picks "
+                  "'generation' when it can."},
     )
     code_switch_pack: str | None = field(
         default=None,
@@ -113,6 +114,14 @@ class SAEArguments(SAESourceArguments):
                                  f"{self.amplify_num_rollouts} with num_generations={num_generations}")
             if self.amplify_top_n < 1:
                 raise ValueError(f"amplify_top_n must be >= 1, got {self.amplify_top_n}")
+        if getattr(self, "use_vllm", False) and getattr(self, "vllm_mode", None) == "server":
+            # A vLLM server is another process: no hook reaches its model (vllm_mode='colocate' is hooked).
+            if self.amplify_pack is not None:
+                raise ValueError("amplify_pack needs hooks inside the generating model, which vllm_mode='server' "
+                                 "runs in another process: use vllm_mode='colocate' (or use_vllm=False)")
+            if self.sae_capture == "generation":
+                raise ValueError("sae_capture='generation' is impossible with vllm_mode='server' (another "
+                                 "process): use vllm_mode='colocate', or sae_capture='forward' / 'auto'")
 
 
 @dataclass

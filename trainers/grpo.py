@@ -3,8 +3,9 @@ amplified sampling.
 
 What differs from the parent: generation runs inside hooks that capture the layer-L residual (no extra
 forward pass on the plain HF path) and add ``alpha * d`` to m rollouts of every group (the Qwen-Scope RL
-recipe); the rest (encoding, reward kwargs, `sae/*` metrics, auxiliary loss, checkpoint sidecar) comes
-from `SAETrainerMixin`. With `sae_source=None` every override defers to the parent: it is `GRPOTrainer`.
+recipe), under HF generate or inside TRL's colocated vLLM engine (`vllm_rollouts.SAEVLLMMixin`); the rest
+(encoding, reward kwargs, `sae/*` metrics, auxiliary loss, checkpoint sidecar) comes from `SAETrainerMixin`.
+With `sae_source=None` every override defers to the parent: it is `GRPOTrainer`.
 
 Departures from the papers: Qwen-Scope's RL recipe uses DAPO; here any TRL loss type works, and the
 amplified rollouts are treated as on-policy samples (TRL's `old_per_token_logps` is the detached current
@@ -17,9 +18,10 @@ from trl import GRPOTrainer
 
 from .config import SAEGRPOConfig, sae_trainer_config
 from .sae_mixin import SAETrainerMixin
+from .vllm_rollouts import SAEVLLMMixin
 
 
-class SAEGRPOTrainer(SAETrainerMixin, GRPOTrainer):
+class SAEGRPOTrainer(SAEVLLMMixin, SAETrainerMixin, GRPOTrainer):
     _tag_names = ["trl", "grpo", "qscope-rl", "sae"]
 
     def __init__(self, model, reward_funcs=None, args=None, *more, **kwargs):

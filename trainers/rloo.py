@@ -13,9 +13,10 @@ from trl import RLOOTrainer
 
 from .config import SAERLOOConfig, sae_trainer_config
 from .sae_mixin import SAETrainerMixin
+from .vllm_rollouts import SAEVLLMMixin
 
 
-class SAERLOOTrainer(SAETrainerMixin, RLOOTrainer):
+class SAERLOOTrainer(SAEVLLMMixin, SAETrainerMixin, RLOOTrainer):
     _tag_names = ["trl", "rloo", "qscope-rl", "sae"]
 
     def __init__(self, model, reward_funcs=None, args=None, *more, **kwargs):
