@@ -106,8 +106,9 @@ def num_beams(trainer) -> int:
 
 def steering_blocker(trainer) -> str | None:
     """Why a forward hook cannot steer chosen rollouts while they are sampled (None when it can)."""
-    if getattr(trainer, "use_vllm", False):
-        return "vLLM generates in its own engine"
+    if getattr(trainer, "use_vllm", False) and getattr(trainer, "vllm_mode", None) != "colocate":
+        # colocate: the engine runs in this process and `SAEVLLMMixin` hooks it (trainers/vllm_rollouts.py)
+        return "vllm_mode='server' generates in another process, out of reach of any hook; use vllm_mode='colocate'"
     if getattr(trainer, "use_transformers_continuous_batching", False):
         return "continuous batching interleaves requests"
     if getattr(trainer, "rollout_func", None) is not None:

@@ -31,9 +31,9 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
-import torch
-
 from qscope_rl.features.vllm_tap import VLLMResidualTap, tagged_requests
+
+from .rollout_capture import detection_mask
 
 TRL_WITH_LLM_CALL = "1.16."  # the TRL minor whose VLLMGeneration._init_vllm builds `LLM(...)` as wrapped below
 
@@ -103,46 +103,41 @@ class SAEVLLMMixin:
             return False
         return self._capture_mode == "generation" or self._amplify_vector is not None
 
-    def _generation_is_hookable(self) -> tuple[bool, str]:
-        if not getattr(self, "use_vllm", False):
-            return super()._generation_is_hookable()
-        if self.vllm_mode != "colocate":
-            return False, ("vllm_mode='server' generates in another process, out of reach of any hook; use "
-                           "vllm_mode='colocate'")
-        if getattr(self, "tools", None):
-            return False, "tool calls extend completions after generation"
-        return True, ""
-
     @contextmanager
-    def _rollout_hooks(self, num_rows: int, num_generations: int):
+    def _rollout_hooks(self, prompt_ids: list[list[int]]):
         if self._vllm_tap is None:
-            with super()._rollout_hooks(num_rows, num_generations):
+            with super()._rollout_hooks(prompt_ids):
                 yield
             return
+        self._turns += 1
         self._captured = self._vllm_captured = None
-        steering = self._amplify_vector is not None and self.model.training
-        self._amplified = (self._amplified_rows(num_rows, num_generations) if steering
-                           else torch.zeros(num_rows, dtype=torch.bool))
+        if self._turns > 1:  # TRL's tool loop: those rows are encoded by the forward (amplification is refused)
+            yield
+            return
+        steering = self._amplified is not None and bool(self._amplified.any())
         # Tag request j of the engine's call with its global row. TRL's colocate engine gets this process's
         # prompts, or those of its whole tensor-parallel group in rank order: row 0 is the group's first rank's.
+        num_rows = len(prompt_ids)
         tp = getattr(self.vllm_generation, "tensor_parallel_size", 1)
         row_offset = (self.accelerator.process_index // tp) * tp * num_rows
-        m = self.args.amplify_num_rollouts
-        steered = (lambda row: row % num_generations < m) if steering else (lambda row: False)
+        m, groups = self.args.amplify_num_rollouts, self.num_generations
+        steered = (lambda row: row % groups < m) if steering else (lambda row: False)
         tap = self._vllm_tap
         with tap.session(), tagged_requests(self.vllm_generation.llm, steered, row_offset=row_offset, salt=tap.salt):
             yield
         if tap.sae is not None:
             self._vllm_captured = tap.captured()
 
-    def _encode_rollouts(self, prompt_ids, completion_ids):
+    def _encode_rollouts(self, prompt_ids, completion_ids, tool_mask=None):
         captured, self._vllm_captured = self._vllm_captured, None
         if captured is None:
-            return super()._encode_rollouts(prompt_ids, completion_ids)
-        # As under HF generation (SAETrainerMixin._encode_rollouts): a closing eos is not text.
-        eos = getattr(self.processing_class, "eos_token_id", None)
-        text_lengths = [len(c) - (1 if len(c) and c[-1] == eos else 0) for c in completion_ids]
+            return super()._encode_rollouts(prompt_ids, completion_ids, tool_mask)
         first = self.accelerator.process_index * len(completion_ids)
         rows = list(range(first, first + len(completion_ids)))
         width = max((len(c) for c in completion_ids), default=0)
-        return captured.completion_activations(rows, text_lengths, width)
+        acts = captured.completion_activations(rows, [len(c) for c in completion_ids], width)
+        # One rule for which tokens count, as under HF generation and the forward (`detection_mask`).
+        acts.mask &= detection_mask(completion_ids, self._eos_token_ids(), tool_mask, device=acts.mask.device)
+        self.sae_capture_path = "generation"
+        self._metrics["train" if self.model.training else "eval"]["sae/capture_forward"].append(0.0)
+        return acts

@@ -1,5 +1,6 @@
 """``qscope-rl features discover {language,repetition,contrastive}``: find SAE features, save a pack.
-``qscope-rl features probe``: fit a linear probe on SAE features (`qscope_rl.features.probe`), check it on held-out texts.
+``qscope-rl features probe``: fit a linear probe on SAE features (`qscope_rl.features.probe`), check it on held-out
+texts.
 
 Without ``--model`` the demo world's model, SAE and training documents are used (``--world``, default
 "test"). With ``--model`` (a HF model path or id), ``--sae`` and ``--layer`` are required and texts come
