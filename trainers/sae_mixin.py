@@ -29,6 +29,7 @@ from qscope_rl.features.classifier import FeatureClassifier
 from qscope_rl.features.detection import code_switch_scores, encode_completions, repetition_scores
 from qscope_rl.features.feature_pack import FeaturePack
 from qscope_rl.features.probe import completion_probe_tail, probe_scores
+from qscope_rl.features.sparse_capture import capture_sparse
 from qscope_rl.hooks import ForwardToLayer, add_to_residual, capture_residual, decoder_layer, hidden_size
 from qscope_rl.sae.loaders import load_sae
 
@@ -142,11 +143,12 @@ class SAETrainerMixin(SAECheckpointMixin):
                 stack.enter_context(add_to_residual(self.model_wrapped, self.sae_layer, self._amplify_vector,
                                                     rows=rows))
             capture = None
-            if self._capture_mode == "generation":
-                capture = stack.enter_context(capture_residual(self.model_wrapped, self.sae_layer))
+            if self._capture_mode == "generation":  # encoded as it is generated: top-k codes, never (B, T, d)
+                capture = stack.enter_context(capture_sparse(self.model_wrapped, self.sae_layer, self.sae,
+                                                             tracked_ids=self._tracked_ids))
             yield
-            if capture is not None:
-                self._captured = capture.chunks
+            if capture is not None and capture.sparse.batch is not None:
+                self._captured = capture
 
     def _encode_rollouts(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]):
         """Sparse SAE activations of every completion token, aligned to `completion_ids`."""
@@ -158,18 +160,13 @@ class SAETrainerMixin(SAECheckpointMixin):
         text_lengths = [len(c) - (1 if len(c) and c[-1] == eos else 0) for c in completion_ids]
         lengths = torch.tensor(text_lengths, device=device, dtype=torch.long)
         mask = torch.arange(width, device=device)[None, :] < lengths[:, None]
-        if self._captured:
+        if self._captured is not None:
             # Prefill covers the prompt; decode step t feeds completion token t-1. The token sampled last
             # was never fed to the model, so it has no residual here and is left out of the mask.
-            prompt_len = self._captured[0].shape[1]
-            generated = torch.cat(self._captured, dim=1)[:, prompt_len:]
-            available = min(generated.shape[1], width)
-            hidden = generated.new_zeros(len(completion_ids), width, generated.shape[-1])
-            hidden[:, :available] = generated[:, :available]
-            mask &= torch.arange(width, device=device)[None, :] < available
-        else:
-            hidden = self._forward_to_sae_layer(prompt_ids, completion_ids)
-        self._captured = None
+            captured, self._captured = self._captured, None
+            mask &= torch.arange(width, device=device)[None, :] < captured.captured_length
+            return captured.completion_activations(mask)
+        hidden = self._forward_to_sae_layer(prompt_ids, completion_ids)
         return encode_completions(self.sae, hidden, mask, tracked_ids=self._tracked_ids,
                                   chunk_tokens=self.sae.memory_bounded_chunk())
 
