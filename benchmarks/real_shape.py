@@ -295,6 +295,8 @@ def main() -> None:
     parser.add_argument("--capture-rollouts", type=int, default=None, help="CPU 8, GPU 128")
     parser.add_argument("--capture-prompt", type=int, default=64)
     parser.add_argument("--capture-tokens", type=int, default=None, help="CPU 1024, GPU 2048")
+    parser.add_argument("--parts", default="steps,memory,capture",
+                        help="what to measure (comma-separated): steps (ABBA step times), memory, capture")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--folder", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--memory", action="store_true", help=argparse.SUPPRESS)
@@ -325,22 +327,25 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         make_sae(folder, d_in, sae_layer(args))
-        for r in range(args.rounds):
+        for r in range(args.rounds if "steps" in args.parts else 0):
             for arm in ("off", "on", "on", "off"):
                 result = child(arm, args, folder, memory=False)
                 times[arm] += result["step_times"]
                 print(f"round {r + 1}/{args.rounds} {arm:<3} steps {[round(t, 2) for t in result['step_times']]} s "
                       f"(load {os.getloadavg()[0]:.1f})", flush=True)
-        for arm in ("off", "on"):
+        for arm in ("off", "on") if "memory" in args.parts else ():
             memory[arm] = child(arm, args, folder, memory=True)
             print(f"memory {arm:<3} peak {memory[arm]['peak_bytes'] / 2**20:.0f} MiB", flush=True)
-    capture = capture_memory(args.capture_rollouts, args.capture_prompt, args.capture_tokens, d_in)
+    nan = float("nan")
+    capture = {"dense_bytes": nan, "sparse_bytes": nan, "same_activations": None, "ratio": nan}
+    if "capture" in args.parts:
+        capture = capture_memory(args.capture_rollouts, args.capture_prompt, args.capture_tokens, d_in)
     print(f"capture of {args.capture_rollouts} x ({args.capture_prompt} + {args.capture_tokens}) tokens, d {d_in}, "
           f"bf16 residual: dense {capture['dense_bytes'] / 2**20:.0f} MiB, "
           f"sparse {capture['sparse_bytes'] / 2**20:.0f} MiB, same: {capture['same_activations']}", flush=True)
-    median = {arm: statistics.median(t) for arm, t in times.items()}
-    sae_bytes = memory["on"]["sae_bytes"]
-    extra = memory["on"]["peak_bytes"] - memory["off"]["peak_bytes"]
+    median = {arm: statistics.median(t) if t else nan for arm, t in times.items()}
+    sae_bytes = memory["on"]["sae_bytes"] if memory else 1
+    extra = memory["on"]["peak_bytes"] - memory["off"]["peak_bytes"] if memory else nan
     print(f"median step: off {median['off']:.2f} s, on {median['on']:.2f} s; extra peak {extra / 2**20:.0f} MiB over "
           f"SAE weights {sae_bytes / 2**20:.0f} MiB; {time.time() - started:.0f} s in all", flush=True)
     print(json.dumps({
