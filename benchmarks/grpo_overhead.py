@@ -19,6 +19,7 @@ step would show (a step's 1536 rollout tokens would take 768 MiB dense).
 The last line is one JSON object with `step_ratio_capture`, `step_ratio_early_exit` (time with SAE / time
 without; target <= 1.10 for capture) and `extra_mem_over_sae_weights` (extra peak tensor memory with the wide
 SAE, as a ratio to that SAE's weights; target < 1.10), and `extra_mem_over_sae_weights_world_sae` beside it.
+On CUDA the same arms train in bf16 on the GPU and memory is `torch.cuda.max_memory_allocated`.
 """
 
 from __future__ import annotations
@@ -36,8 +37,18 @@ MEMORY_ARMS = ("off", "capture", "capture_wide", "early_exit_wide")
 
 
 def peak_tensor_bytes(fn) -> int:
-    """Peak of tensor memory allocated while `fn()` runs, relative to its start (profiler allocation events)."""
+    """Peak of tensor memory allocated while `fn()` runs, relative to its start (profiler allocation events;
+    `torch.cuda.max_memory_allocated` on CUDA)."""
+    import torch
     from torch.profiler import ProfilerActivity, profile
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - start
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
@@ -77,6 +88,7 @@ def run_arm(arm: str, size: str, steps: int, wide_sae: str | None, measure_memor
     from qscope_rl.world.packs import world_pack_files
 
     torch.manual_seed(0)
+    cuda = torch.cuda.is_available()  # then the trainer puts the policy on the GPU and trains in bf16
     world = load_world(size)
     packs = world_pack_files(world)
     prompts = world.prompts("train", lang="en")[:64]
@@ -95,8 +107,8 @@ def run_arm(arm: str, size: str, steps: int, wide_sae: str | None, measure_memor
                           repetition_pack=str(packs["repetition"]), sae_capture=capture)
     with tempfile.TemporaryDirectory() as out:
         args = SAEGRPOConfig(output_dir=out, per_device_train_batch_size=16, num_generations=8,
-                             max_completion_length=32, max_steps=steps + 1, bf16=False, report_to="none",
-                             logging_steps=1, save_strategy="no", use_cpu=True, seed=0, disable_tqdm=True,
+                             max_completion_length=32, max_steps=steps + 1, bf16=cuda, report_to="none",
+                             logging_steps=1, save_strategy="no", use_cpu=not cuda, seed=0, disable_tqdm=True,
                              **sae_fields)
         trainers = []
 

@@ -26,6 +26,7 @@ from .discovery import (
 )
 from .feature_pack import Feature, FeaturePack, FeaturePackError, texts_sha256
 from .probe import completion_probe_tail, fit_completion_probe, probe_scores, score_texts, tail_mean_activations
+from .sparse_capture import SparseCapture, SparseCodes, SparseResidualCapture, capture_sparse
 from .text_features import TextFeatures, check_texts, encode_texts, sae_fingerprint, sae_layer
 
 __all__ = [
@@ -59,6 +60,10 @@ __all__ = [
     "sae_info",
     "sae_layer",
     "score_texts",
+    "SparseCapture",
+    "SparseCodes",
+    "SparseResidualCapture",
+    "capture_sparse",
     "tail_mean_activations",
     "texts_sha256",
 ]
