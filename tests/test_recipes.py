@@ -206,7 +206,7 @@ def test_wandb_goes_offline_only_without_network_and_unset_mode(monkeypatch):
     def no_network(*args, **kwargs):
         raise OSError("no route")
 
-    launcher = launch.launcher  # the module (launch is the package since the layout change)
+    launcher = launch  # the launcher module (qscope_rl.trainers.launch is the package)
     monkeypatch.setattr(launcher.socket, "create_connection", no_network)
     monkeypatch.delenv("WANDB_MODE", raising=False)
     launcher.use_offline_wandb_without_network(["none"])
