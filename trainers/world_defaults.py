@@ -17,8 +17,9 @@ from .run_args import RunArguments
 MONITOR_PROBES = 32  # held-out prompts an `sae_monitor` callback samples when the recipe gives none
 
 
-def load_demo_world(spec: str):
-    """A world from a size ("test", "default": built into the cache if missing) or a built world's folder."""
+def load_demo_world(spec: str, seed: int = 0):
+    """A world from a size ("test", "default": built into the cache if missing, world seed `seed`) or a built
+    world's folder."""
     from qscope_rl.world import SIZES, World, cache_root, load_world
 
     if Path(spec).is_dir():
@@ -27,10 +28,10 @@ def load_demo_world(spec: str):
         return World(spec)
     if spec not in SIZES:
         raise ValueError(f"demo_world={spec!r}: expected a world size {list(SIZES)} or a built world's folder")
-    lock = cache_root() / "world" / f".{spec}.lock"
+    lock = cache_root() / "world" / f".{spec}-{seed}.lock"
     lock.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(lock)):
-        return load_world(spec)
+        return load_world(spec, seed=seed)
 
 
 def world_pack_paths(world) -> dict[str, Path]:
