@@ -27,6 +27,8 @@ def register(subparsers) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default: 0 1 2; 0 with --quick)")
     parser.add_argument("--arms", default=None, help="which arms, e.g. 'ad' (default: abcdefg)")
     parser.add_argument("--no-sft", action="store_true", help="skip the SFT table (plain SFT vs SASFT)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="runs side by side, one thread each (default: 2); changes no number, only the time")
     parser.add_argument("--from-log", default=None, metavar="RUNS_JSONL",
                         help="write the report from a runs.jsonl of an earlier (possibly interrupted) run instead of "
                         "running: only the seeds that finished every arm are used")
@@ -45,7 +47,7 @@ def _demo(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in {
         "size": args.world, "seeds": tuple(args.seeds) if args.seeds else None, "world_seed": args.world_seed,
         "arms": tuple(args.arms) if args.arms else None, "max_steps": args.steps, "cache_dir": args.cache_dir,
-        "sft": False if args.no_sft else None,
+        "sft": False if args.no_sft else None, "workers": args.workers,
     }.items() if v is not None}  # fmt: skip
     try:
         settings = DemoSettings.quick(**overrides) if args.quick else DemoSettings(**overrides)

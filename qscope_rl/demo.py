@@ -82,7 +82,7 @@ class DemoSettings:
     aux_loss_weight: float = 0.05  # (d), (g)
     amplify_top_n: int = 2  # (e)
     amplify_target: float = 0.8  # (e): the amplified samples of the untrained policy must loop this often
-    amplify_calibration_prompts: int = 128  # training prompts used to choose the amplification
+    amplify_calibration_prompts: int = 64  # training prompts used to choose the amplification
     ngram_weight: float = 1.0  # (f)
     sft: bool = True  # the SFT table (plain SFT vs SASFT)
     sft_steps: int = 150

@@ -51,7 +51,7 @@ def _info(args: argparse.Namespace) -> int:
 
 def register(subparsers) -> None:
     """Add the `world` subcommand (with `build` and `info`) to a `qscope-rl` subparsers object."""
-    world = subparsers.add_parser("world", help="the embedded demo world (tiny bilingual Qwen3 + SAE)")
+    world = subparsers.add_parser("world", help="the embedded demo world (tiny trilingual Qwen3 + SAE)")
     actions = world.add_subparsers(dest="world_command", required=True)
     build = actions.add_parser("build", help="build the world unless cached (progress on stderr)")
     _add_common(build)
