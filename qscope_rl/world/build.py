@@ -14,15 +14,18 @@ nobody tuned on.
 
 What the world reproduces (each property measured by `_measure` and kept in stats.json):
 1. rare failures, as in real models (Qwen-Scope's SFT baseline code-switches in 0.81% of answers): the
-   corpus switches in `switch_share` and loops in `loop_share` of documents, so the model's own samples
-   do both at a few percent (`code_switch_rate_*`, `loop_rate_*`);
+   corpus switches in `switch_share` and loops in `loop_share` of documents, meant to make the model's own
+   samples do both at a few percent (`code_switch_rate_*`, `loop_rate_*`). Measured on the default world
+   (seeds 0 and 1): NOT met: English samples switch in 17-19% (the 400-step LM mixes three languages far
+   more than its corpus does) and loop in 0 of 512;
 2. a task reward indifferent to the failures, as a verifier is (see `task`): failures start after the
    answer sentence, which is all the reward reads, so failing samples earn what clean ones do
    (`task_reward_{clean,switch,loop}`, `failure_after_answer_share`);
 3. a switch that script cannot see: English <-> Spanish beside English <-> Chinese, with the ground truth
    from the world's lexicon (`lexicon_judge`); how often lingua and the script judge agree with it is
    measured on the same samples (`lingua_*`, `script_*`);
-4. an SAE wide enough for the utilities (`sae_fvu`, `sae_dead_fraction`, `d_sae`).
+4. an SAE wide enough for the utilities (`sae_fvu`, `sae_dead_fraction`, `d_sae`); measured on the default
+   world: 4096 features, FVU 0.005, but 31-36% dead after 3 epochs (target <= 10%: not met).
 """
 
 from __future__ import annotations
