@@ -95,8 +95,8 @@ def test_vlm_policy_with_forward_capture_is_refused():
 
     with pytest.raises(ValueError, match="cannot encode a VLM's rollouts.*use sae_capture='generation'"):
         SAETrainerMixin._resolve_capture_mode(trainer("forward"))
-    with pytest.raises(ValueError, match="'auto' chose it: vLLM generates in its own engine"):
-        SAETrainerMixin._resolve_capture_mode(trainer("auto", use_vllm=True))
+    with pytest.raises(ValueError, match="'auto' chose it: vllm_mode='server' generates in another process"):
+        SAETrainerMixin._resolve_capture_mode(trainer("auto", use_vllm=True, vllm_mode="server"))
     assert SAETrainerMixin._resolve_capture_mode(trainer("auto")) == "generation"
 
 
