@@ -52,13 +52,18 @@ def read_records(path: str, field: str = "text") -> list[dict]:
     return rows
 
 
-def add_source_args(parser) -> None:
+def add_model_and_sae_args(parser) -> None:
+    """--world / --model / --sae / --layer / --device: the demo world by default, or a real model and its SAE."""
     group = parser.add_argument_group("model and SAE (default: the demo world)")
     group.add_argument("--world", default="test", help="demo world size when --model is not given (test / default)")
     group.add_argument("--model", default=None, help="HF model path or id (then --sae and --layer are needed)")
     group.add_argument("--sae", default=None, help="SAE folder / file / Hub repo (see `qscope-rl sae-info`)")
     group.add_argument("--layer", type=non_negative_int, default=None, help="decoder layer of the SAE (0-based)")
     group.add_argument("--device", type=device, default=None, help="torch device for model and SAE (default: cpu)")
+
+
+def add_source_args(parser) -> None:
+    add_model_and_sae_args(parser)
     parser.add_argument("--seed", type=non_negative_int, default=0)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     parser.add_argument("--plot", default=None, metavar="PNG", help="also draw a figure into this PNG file")

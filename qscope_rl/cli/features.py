@@ -16,8 +16,8 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from .common import print_json, read_records
-from .errors import check_writable, device, non_negative_int, positive_int
+from .common import add_model_and_sae_args, print_json, read_records
+from .errors import check_writable, non_negative_int, positive_int
 
 METHODS = ("language", "repetition", "contrastive")
 
@@ -54,12 +54,7 @@ def register(subparsers) -> None:
 
 def _add_source_arguments(parser) -> None:
     """Where the model, SAE and texts come from: the demo world by default, or --model/--sae/--layer and files."""
-    source = parser.add_argument_group("model and SAE (default: the demo world)")
-    source.add_argument("--world", default="test", help="demo world size when --model is not given")
-    source.add_argument("--model", default=None, help="HF model path or id (then --sae and --layer are needed)")
-    source.add_argument("--sae", default=None, help="SAE folder / file / Hub repo (see `qscope-rl sae-info`)")
-    source.add_argument("--layer", type=non_negative_int, default=None, help="decoder layer of the SAE (0-based)")
-    source.add_argument("--device", type=device, default=None, help="torch device for model and SAE (default: cpu)")
+    add_model_and_sae_args(parser)
     texts = parser.add_argument_group("texts (default: the world's training documents)")
     texts.add_argument("--texts", default=None,
                        help="language: JSONL with text+lang; repetition: JSONL with text, or plain text lines")
