@@ -4,8 +4,9 @@ Everything the project claims about SAE detectors, rewards and trainers is score
 stay simple, deterministic and easy to audit:
 
 - code-switching by Unicode script (exact where the languages differ in script, as English and
-  Chinese do), by lingua-language-detector's mixed-language API otherwise, and DeepSeek-R1's
-  "share of target-language words" measure;
+  Chinese do; blind where they share one, as English and Spanish do), by lingua-language-detector's
+  mixed-language API otherwise (fallible: it guesses from character statistics), and DeepSeek-R1's
+  "share of target-language words" measure, by script or by lingua;
 - repetition by the open-r1 n-gram repeat ratio and a loop detector (a span repeated 3+ times at the end).
 """
 
@@ -23,8 +24,9 @@ _LATIN_RE = re.compile(f"[{_LATIN}]")
 # A "word" unit: a run of Latin letters / digits, or one Han character (CJK has no spaces).
 _UNIT_RE = re.compile(f"[{_LATIN}0-9']+|[{_HAN}]|[^\\s{_LATIN}0-9{_HAN}]")
 
-LANGUAGES = ("en", "zh")
-_FOREIGN_SCRIPT = {"en": _HAN_RE, "zh": _LATIN_RE}
+LANGUAGES = ("en", "zh", "es")
+# what a script judge can see: English and Spanish share the Latin script, so only Han is foreign to them
+_FOREIGN_SCRIPT = {"en": _HAN_RE, "zh": _LATIN_RE, "es": _HAN_RE}
 
 
 def _check_language(lang: str) -> None:
@@ -45,7 +47,8 @@ def first_switch_offset(text: str, target: str) -> int | None:
 
 
 def script_code_switch(text: str, target: str) -> bool:
-    """True if `text`, meant to be in `target` ("en" or "zh"), contains the other language's script."""
+    """True if `text`, meant to be in `target` ("en", "zh", "es"), contains a script foreign to it (Han for
+    English and Spanish, Latin for Chinese): it cannot see an English <-> Spanish switch."""
     return first_switch_offset(text, target) is not None
 
 
@@ -55,7 +58,7 @@ def target_language_share(text: str, target: str) -> float:
     Punctuation and digits belong to no language and are not counted; a text with no words scores 1.0.
     """
     _check_language(target)
-    words = [u for u in units(text) if _HAN_RE.match(u) or _LATIN_RE.match(u)]
+    words = _word_units(text)
     if not words:
         return 1.0
     foreign = _FOREIGN_SCRIPT[target]
@@ -68,7 +71,13 @@ def _lingua_detector():
         from lingua import Language, LanguageDetectorBuilder
     except ImportError as err:  # pragma: no cover - lingua is a core dependency
         raise ImportError("the lingua judge needs `pip install lingua-language-detector`") from err
-    return LanguageDetectorBuilder.from_languages(Language.ENGLISH, Language.CHINESE).build()
+    return LanguageDetectorBuilder.from_languages(Language.ENGLISH, Language.CHINESE, Language.SPANISH).build()
+
+
+def _lingua_language(lang: str):
+    from lingua import Language
+
+    return {"en": Language.ENGLISH, "zh": Language.CHINESE, "es": Language.SPANISH}[lang]
 
 
 def lingua_foreign_share(text: str, target: str) -> float:
@@ -76,9 +85,7 @@ def lingua_foreign_share(text: str, target: str) -> float:
     _check_language(target)
     if not text.strip():
         return 0.0
-    from lingua import Language
-
-    want = {"en": Language.ENGLISH, "zh": Language.CHINESE}[target]
+    want = _lingua_language(target)
     sections = _lingua_detector().detect_multiple_languages_of(text)
     foreign = sum(s.end_index - s.start_index for s in sections if s.language != want)
     return foreign / len(text)
@@ -87,6 +94,22 @@ def lingua_foreign_share(text: str, target: str) -> float:
 def lingua_code_switch(text: str, target: str) -> bool:
     """True if lingua finds any section of `text` in a language other than `target`."""
     return lingua_foreign_share(text, target) > 0.0
+
+
+def lingua_target_share(text: str, target: str) -> float:
+    """DeepSeek-R1's language-consistency measure by lingua: share of word units in sections lingua assigns
+    to `target` (for languages a script cannot tell apart); a text with no words scores 1.0."""
+    _check_language(target)
+    if not _word_units(text):
+        return 1.0
+    want = _lingua_language(target)
+    sections = _lingua_detector().detect_multiple_languages_of(text)
+    kept = sum(len(_word_units(text[s.start_index : s.end_index])) for s in sections if s.language == want)
+    return min(1.0, kept / len(_word_units(text)))
+
+
+def _word_units(text: str) -> list[str]:
+    return [u for u in units(text) if _HAN_RE.match(u) or _LATIN_RE.match(u)]
 
 
 def ngram_repeat_ratio(text_or_units: str | Sequence, n: int = 3) -> float:

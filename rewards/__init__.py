@@ -3,9 +3,9 @@
 Baselines: `LanguageConsistencyReward` (DeepSeek-R1), `NgramRepetitionPenalty` (open-r1).
 SAE-based, reading the ``sae_activations`` column the SAE trainers add: `SAECodeSwitchPenalty`,
 `SAERepetitionPenalty`, `SAEProbePenalty`, `SAEFeatureReward`. The demo world's task: `WorldTopicReward`.
-Judges to log failure rates at weight 0: `CodeSwitchJudge`, `LoopJudge`. Composition and guards: `NormalizedReward`
-(per-reward running z-score or rank, opt-in), `RewardHackingGuard` (an SAE penalty watched against a judge). All
-are picklable classes with ``__name__``.
+Judges to log failure rates at weight 0: `CodeSwitchJudge`, `LoopJudge`, `WorldSwitchJudge` (the world's ground
+truth). Composition and guards: `NormalizedReward` (per-reward running z-score or rank, opt-in), `RewardHackingGuard`
+(an SAE penalty watched against a judge). All are picklable classes with ``__name__``.
 """
 
 from .hacking_guard import RewardHackingGuard
@@ -15,6 +15,7 @@ from .ngram_repetition import NgramRepetitionPenalty
 from .normalized import NormalizedReward
 from .registry import REWARD_FUNCS, get_reward_func, resolve_reward_func
 from .sae_rewards import SAECodeSwitchPenalty, SAEFeatureReward, SAEProbePenalty, SAERepetitionPenalty
+from .world_judges import WorldSwitchJudge
 from .world_topic import WorldTopicReward
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "SAEFeatureReward",
     "SAEProbePenalty",
     "SAERepetitionPenalty",
+    "WorldSwitchJudge",
     "WorldTopicReward",
     "get_reward_func",
     "resolve_reward_func",

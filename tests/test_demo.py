@@ -1,52 +1,105 @@
-"""`qscope-rl demo`: the quick mode end to end on the test world, the report's checks, and bad input."""
+"""`qscope-rl demo`: the quick mode end to end on the test world, the report's statistics and checks, bad input."""
 
 import json
 
+import numpy as np
 import pytest
 
 from qscope_rl.cli import main
 from qscope_rl.demo.main_job import ARMS, DemoSettings
-from qscope_rl.demo.report import checks, markdown
+from qscope_rl.demo.policy_measure import MEASURES
+from qscope_rl.demo.report import analyse, markdown
+from qscope_rl.demo.stats import bootstrap_draws, half_step, overlap, ratio, resampled_means, summarize
+
+N_PROMPTS = 400
 
 
-def stat(mean):
-    return {"mean": mean, "std": 0.0, "per_seed": [mean]}
+def measured(rates: dict, rng) -> dict:
+    """Per-prompt means of 4 Bernoulli samples per prompt at the given rates."""
+    return {m: (rng.random((4, N_PROMPTS)) < rates.get(m, 0.03)).mean(0).tolist() for m in MEASURES}
 
 
-def fake_result(untrained_cs=0.1, cs=None, loop=None, task=None):
-    cs, loop, task = cs or {}, loop or {}, task or {}
-    arms = {a: {"label": ARMS[a], "code_switch_rate": stat(cs.get(a, 0.05)), "loop_rate": stat(loop.get(a, 0.1)),
-                "task_reward": stat(task.get(a, 0.5)), "rollout_code_switch_rate": stat(0.1),
-                "rollout_loop_rate": stat(0.1), "curves": []} for a in ARMS}
-    return {"untrained": {"code_switch_rate": stat(untrained_cs), "loop_rate": stat(0.2), "task_reward": stat(0.2)},
-            "arms": arms, "settings": {"seeds": [0], "max_steps": 1, "prompts_per_step": 1, "num_generations": 2,
-                                       "eval_prompts": 1, "eval_samples_per_prompt": 1},
-            "world": {"size": "test"}, "seconds": 1.0}
+def fake_raw(arm_rates: dict, untrained: dict, sft: dict | None = None, seeds=(0, 1, 2)) -> dict:
+    rng = np.random.default_rng(0)
+    curve = {"code_switch_rate_zh": [0.03] * 20, "code_switch_rate_es": [0.03] * 20, "loop_rate": [0.03] * 20,
+             "task_reward": [0.4] * 20}
+    arms = {a: {"label": ARMS[a], "runs": [{"seed": s, "measured": measured(arm_rates.get(a, {}), rng),
+                                            "curves": curve, "seconds": 1.0} for s in seeds]} for a in ARMS}
+    raw = {"settings": {"seeds": list(seeds), "bootstrap": 300, "max_steps": 20, "prompts_per_step": 4,
+                        "num_generations": 8, "eval_prompts": N_PROMPTS, "eval_samples_per_prompt": 4,
+                        "amplify_calibration_prompts": 16, "sft_steps": 5, "sft_batch_size": 4, "sasft_lambda": 0.1,
+                        "notes": {"amplify": {"pack": "repetition", "top_n": 2, "alpha": 20.0, "grid": []}}},
+           "world": {"size": "test", "seed": 0}, "untrained": [measured(untrained, rng) for _ in seeds],
+           "amplified_heldout": {"loop_rate": 0.9, "task_reward": 0.0, "n": 100},
+           "arms": arms, "seconds": 1.0, "seconds_prepare": 0.5, "sft": {}}
+    for method, rates in (sft or {}).items():
+        raw["sft"][method] = [{"seed": s, "measured": measured(rates, rng), "perplexity": rates["ppl"]} for s in seeds]
+    return raw
 
 
-def test_checks_compare_against_the_targets():
-    good = {c["claim"]: c for c in checks(fake_result(cs={"d": 0.02, "b": 0.04}, loop={"e": 0.04, "f": 0.06},
-                                                      task={"a": 0.5, "c": 0.49, "d": 0.476}))}
-    assert all(c["met"] for c in good.values())
-    assert good["(d) code-switch rate <= 0.3x the untrained rate"]["value"] == pytest.approx(0.2)
-    assert good["(e) loop rate <= 0.5x (a)'s"]["value"] == pytest.approx(0.4)
-    bad = {c["claim"]: c for c in checks(fake_result(cs={"d": 0.05, "b": 0.04}, loop={"e": 0.09},
-                                                     task={"a": 0.5, "c": 0.4}))}
-    for claim in ("(d) code-switch rate <= 0.3x the untrained rate", "(d) code-switch rate <= (b)'s",
-                  "(c) task reward within 5% of (a)'s", "(e) loop rate <= 0.5x (a)'s"):
-        assert not bad[claim]["met"], claim
-    assert "**NO**" in markdown({**fake_result(cs={"d": 0.05}), "checks": []})
+def test_bootstrap_matches_an_independent_reference():
+    rng = np.random.default_rng(1)
+    matrix = rng.random((3, 50))
+    draws = bootstrap_draws(3, 50, 500, seed=0)
+    # reference: the same draws by explicit loops
+    seed_idx, prompt_idx = draws
+    ref = [matrix[seed_idx[b]][:, prompt_idx[b]].mean() for b in range(500)]
+    np.testing.assert_allclose(resampled_means(matrix, draws), ref)
+    s = summarize(matrix, draws)
+    assert s["ci"][0] < s["mean"] < s["ci"][1] and s["per_seed"] == pytest.approx(matrix.mean(1))
+    assert summarize(np.full((3, 50), 0.25), draws)["ci"] == [0.25, 0.25]
+    r = ratio(matrix * 0.5, matrix, draws)
+    assert r["value"] == pytest.approx(0.5) and r["ci"] == pytest.approx([0.5, 0.5])
+    assert np.isnan(ratio(np.zeros((3, 50)), np.zeros((3, 50)), draws)["value"])
+    with pytest.raises(ValueError, match="matrix"):
+        resampled_means(np.zeros(5), draws)
+    assert overlap((0, 1), (0.5, 2)) and not overlap((0, 1), (1.5, 2))
 
 
-def test_loop_check_when_the_baseline_never_loops():
-    result = fake_result(loop={"a": 0.0, "e": 0.003})
-    check = {c["claim"]: c for c in checks(result)}["(e) loop rate <= 0.5x (a)'s"]
-    assert not check["met"] and check["detail"] == "(e) 0.0030 vs (a) 0.0000"
-    report = markdown(result)
-    assert "(e) 0.0030 vs (a) 0.0000) | **NO** |" in report
-    assert "(a)'s held-out loop rate is 0" in report and "inf" not in report
-    both_zero = {c["claim"]: c for c in checks(fake_result(loop={"a": 0.0, "e": 0.0}))}
-    assert both_zero["(e) loop rate <= 0.5x (a)'s"]["met"]
+def test_half_step_is_the_first_step_at_half_the_baseline():
+    base = [[0.04] * 30] * 2
+    falling = [[0.04] * 10 + [0.0] * 20] * 2
+    assert half_step(falling, base, window=1) == 11
+    # with a 4-step moving average the mean reaches half after 2 zero steps
+    assert half_step(falling, base, window=4) == 12
+    assert half_step(base, base, window=1) is None
+
+
+def test_analyse_and_checks_against_the_targets():
+    good = {"a": {"loop_rate": 0.04, "code_switch_rate_zh": 0.03, "code_switch_rate_es": 0.03, "code_switch_rate": 0.06,
+                  "task_reward": 0.5},
+            "b": {"code_switch_rate_es": 0.03, "code_switch_rate": 0.03, "task_reward": 0.5},
+            "c": {"code_switch_rate_es": 0.005, "task_reward": 0.5},
+            "d": {"code_switch_rate": 0.01, "task_reward": 0.5},
+            "e": {"loop_rate": 0.01, "task_reward": 0.5}, "f": {"loop_rate": 0.02, "task_reward": 0.5},
+            "g": {"task_reward": 0.5}}
+    untrained = {"loop_rate": 0.04, "code_switch_rate_zh": 0.03, "code_switch_rate_es": 0.03, "task_reward": 0.5}
+    sft = {"sft": {"code_switch_rate": 0.05, "ppl": 10.0}, "sasft": {"code_switch_rate": 0.005, "ppl": 10.2}}
+    report = analyse(fake_raw(good, untrained, sft))
+    checks = {c["key"]: c for c in report["checks"]}
+    assert set(checks) == {"regime", "d_vs_a", "same_script", "task", "e_vs_a", "amplified", "sasft"}
+    assert all(c["met"] for c in checks.values()), [c for c in checks.values() if not c["met"]]
+    assert checks["d_vs_a"]["value"] == pytest.approx(report["arms"]["d"]["code_switch_rate"]["mean"]
+                                                      / report["arms"]["a"]["code_switch_rate"]["mean"])
+    assert report["arms"]["a"]["loop_rate"]["ci"][0] < 0.04 < report["arms"]["a"]["loop_rate"]["ci"][1]
+    text = markdown(report)
+    assert "**NO**" not in text and "| (d) + SAE penalty + SASFT auxiliary loss |" in text and "SASFT / SFT" in text
+
+    # the regime fails when task-only training removes a failure; the rest fail on their own terms
+    bad = {**good, "a": {**good["a"], "loop_rate": 0.01}, "d": {"code_switch_rate": 0.06, "task_reward": 0.4},
+           "c": {"code_switch_rate_es": 0.025, "task_reward": 0.5}, "e": {"loop_rate": 0.01, "task_reward": 0.5}}
+    bad_sft = {"sft": {"code_switch_rate": 0.05, "ppl": 10.0}, "sasft": {"code_switch_rate": 0.005, "ppl": 11.0}}
+    checks = {c["key"]: c for c in analyse(fake_raw(bad, untrained, bad_sft))["checks"]}
+    for key in ("regime", "d_vs_a", "same_script", "task", "e_vs_a", "sasft"):
+        assert not checks[key]["met"], key
+    assert "**NO**" in markdown(analyse(fake_raw(bad, untrained, bad_sft)))
+
+
+def test_a_zero_baseline_meets_no_ratio_target():
+    rates = {"a": {"loop_rate": 0.0}, "e": {"loop_rate": 0.0}}
+    checks = {c["key"]: c for c in analyse(fake_raw(rates, {"loop_rate": 0.0}))["checks"]}
+    assert not checks["e_vs_a"]["met"] and "undefined" in checks["e_vs_a"]["detail"]
+    assert not checks["regime"]["met"]
 
 
 def test_settings_refuse_bad_input():
@@ -54,6 +107,8 @@ def test_settings_refuse_bad_input():
         DemoSettings(arms=("a", "z"))
     with pytest.raises(ValueError, match="at least one seed"):
         DemoSettings(seeds=())
+    with pytest.raises(ValueError, match="world_seed"):
+        DemoSettings(world_seed=-1)
     with pytest.raises(SystemExit, match="unknown arms"):
         main(["demo", "--quick", "--arms", "ax"])
 
@@ -64,19 +119,18 @@ def test_quick_demo_runs_end_to_end(world, tmp_path, capsys):
     assert main(["demo", "--quick", "--world", str(world.path), "--out", str(out), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert set(report["arms"]) == set(ARMS)
-    for row in [report["untrained"], *report["arms"].values()]:
-        for measure in ("code_switch_rate", "loop_rate", "task_reward"):
-            assert 0.0 <= row[measure]["mean"] <= 1.0
+    for row in [report["untrained"], *report["arms"].values(), report["sft"]["sft"], report["sft"]["sasft"]]:
+        for measure in MEASURES:
+            assert 0.0 <= row[measure]["ci"][0] <= row[measure]["mean"] <= row[measure]["ci"][1] <= 1.0
             assert len(row[measure]["per_seed"]) == 1
     for arm in report["arms"].values():
         curves = arm["curves"][0]  # one value per GRPO step, from the weight-0 judge rewards
-        assert len(curves["code_switch_rate"]) == len(curves["loop_rate"]) == report["settings"]["max_steps"]
-    assert {c["claim"] for c in report["checks"]} >= {"(d) code-switch rate <= 0.3x the untrained rate",
-                                                       "(e) loop rate <= 0.5x (a)'s"}
+        assert len(curves["code_switch_rate_es"]) == len(curves["loop_rate"]) == report["settings"]["max_steps"]
+    assert {c["key"] for c in report["checks"]} == {"regime", "d_vs_a", "same_script", "task", "e_vs_a",
+                                                     "amplified", "sasft"}
     for name in ("demo.json", "demo.md", "training_curves.png", "held_out.png"):
         assert (out / name).stat().st_size > 0
     assert "| (d) + SAE penalty + SASFT auxiliary loss |" in (out / "demo.md").read_text()
     # only (e) amplifies: its amplified and normal rollouts' rewards are reported
-    assert 0.0 <= report["arms"]["e"]["reward_amplified"]["mean"] <= 1.0
-    assert "reward_amplified" not in report["arms"]["a"]
-    assert "(e)'s amplified rollouts earned" in (out / "demo.md").read_text()
+    assert "reward_amplified" in report["arms"]["e"] and "reward_amplified" not in report["arms"]["a"]
+    assert 0.0 <= report["amplified_heldout"]["loop_rate"] <= 1.0

@@ -227,7 +227,9 @@ def test_world_switch_onset_pre_not_later_than_activation(world, language_packs)
              and d.loop_char is None][:100]
     _, clean_acts = encode_texts(world, sae, clean, tracked)
     threshold = calibrate_threshold(clean_acts, packs["zh"], quantile=0.999)  # on training text only
-    docs = [d for d in world.documents("heldout") if d.switch_char is not None and d.lang == "en"][:24]
+    # English documents switched into Chinese (the zh pack's language; switches into Spanish are other features),
+    # from the training split: the held-out one of the test world holds only a handful
+    docs = [d for d in world.documents("train") if d.switch_lang == "zh" and d.lang == "en"][:24]
     enc, acts = encode_texts(world, sae, [d.text for d in docs], tracked)
     act = code_switch_scores(acts, packs["zh"], threshold=threshold)
     pre = code_switch_scores(acts, packs["zh"], use_pre=True, threshold=threshold)

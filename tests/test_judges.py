@@ -50,3 +50,14 @@ def test_lingua_judge_on_mixed_text():
     assert not judges.lingua_code_switch("The weather is nice today and we walk to the park.", "en")
     assert judges.lingua_code_switch("The weather is nice today. 我们去公园散步吧。", "en")
     assert judges.lingua_foreign_share("", "en") == 0.0
+
+
+def test_script_judge_cannot_see_a_same_script_switch_but_lingua_can():
+    mixed = "The weather is nice today and we walk to the park. La casa es muy grande y tiene un jardín bonito."
+    assert not judges.script_code_switch(mixed, "en") and not judges.script_code_switch(mixed, "es")
+    assert judges.script_code_switch("hola 你好", "es")
+    assert judges.lingua_code_switch(mixed, "en")
+    share = judges.lingua_target_share(mixed, "en")
+    assert 0.3 < share < 0.8  # about half the words are Spanish
+    assert judges.lingua_target_share("The weather is nice today and we walk to the park.", "en") == 1.0
+    assert judges.lingua_target_share("", "es") == 1.0

@@ -1,4 +1,7 @@
+import json
+import math
 import random
+import re
 
 import pytest
 import torch
@@ -7,59 +10,108 @@ from qscope_rl import judges
 from qscope_rl.world import WorldRecipe, build_world, load_world
 from qscope_rl.world.corpus import build_lexicon, generate_documents
 from qscope_rl.world.sae_training import decode, encode
+from qscope_rl.world.task import answer_of
 
 
 def test_both_failure_modes_show_in_own_samples(world):
     # rates are measured by the builder with the judges; re-judge the stored samples independently
-    samples = [line for line in (world.path / "samples.jsonl").read_text(encoding="utf-8").splitlines()]
-    assert samples
-    for lang in ("en", "zh"):
-        assert world.stats[f"code_switch_rate_{lang}"] > 0
-    assert world.stats["loop_rate"] > 0
-    # and fresh samples from the loaded model show them too
-    prompts = world.prompts("heldout")
-    completions = world.sample([p.text for p in prompts], max_new_tokens=48, seed=7)
-    assert any(judges.script_code_switch(c, p.lang) for c, p in zip(completions, prompts))
+    samples = [json.loads(line) for line in (world.path / "samples.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert {s["lang"] for s in samples} == {"en", "zh", "es"}
+    for lang in ("en", "zh", "es"):
+        mine = [s for s in samples if s["lang"] == lang]
+        rate = sum(world.code_switch(s["completion"], lang) for s in mine) / len(mine)
+        assert rate == pytest.approx(world.stats[f"code_switch_rate_{lang}"]) and rate > 0
+    loops = sum(judges.has_loop(s["completion"]) for s in samples) / len(samples)
+    assert loops == pytest.approx(world.stats["loop_rate"])
+    # and fresh samples from the loaded model show both failures too
+    prompts = world.prompts("heldout") * 2
+    completions = world.sample([p.text for p in prompts], max_new_tokens=48, seed=7, batch_size=128)
+    assert any(world.code_switch(c, p.lang) for c, p in zip(completions, prompts))
     assert any(judges.has_loop(c) for c in completions)
+
+
+def test_regime_stats_are_recorded(world):
+    stats = world.stats
+    for key in ("code_switch_rate_en_to_zh", "code_switch_rate_en_to_es", "script_recall_en_to_es",
+                "lingua_recall_en_to_es", "lingua_false_positive_rate_en", "task_reward_clean", "seed", "d_sae"):
+        assert key in stats, key
+    # the script judge cannot see English -> Spanish: by construction it finds none of them
+    assert stats["script_recall_en_to_es"] in (0.0, None) or math.isnan(stats["script_recall_en_to_es"])
+    assert stats["seed"] == 0 and world.seed == 0
 
 
 def test_corpus_labels_are_consistent(world):
     docs = world.documents("train")
-    assert {d.lang for d in docs} == {"en", "zh"}
+    assert {d.lang for d in docs} == {"en", "zh", "es"}
     assert {d.topic for d in docs} == set(world.topics)
-    assert any(d.switch_char is not None for d in docs) and any(d.loop_char is not None for d in docs)
-    for d in docs[:2000]:
+    assert {d.switch_lang for d in docs} == {None, "en", "zh", "es"}
+    assert any(d.loop_char is not None for d in docs)
+    for d in docs[:3000]:
         assert d.spans[0][0] == 0 and d.spans[-1][1] == len(d.text)
         assert all(a[1] == b[0] for a, b in zip(d.spans, d.spans[1:]))  # contiguous cover
-        assert judges.first_switch_offset(d.text, d.lang) == d.switch_char
+        assert d.kind == ("switch" if d.switch_char is not None else "loop" if d.loop_char is not None else "normal")
+        # failures start after the answer sentence, the only part the task reward reads
+        prompt = answer_of(d.text)  # sentence 0: what a prompt shows
+        assert answer_of(d.text[len(prompt) :]) == d.text[len(prompt) : d.answer_end]  # sentence 1: the answer
+        answer = d.text[: d.answer_end]
+        assert not world.code_switch(answer, d.lang) and not judges.has_loop(answer)
         if d.switch_char is not None:
-            foreign = [s for s in d.spans if s[2] != d.lang]
-            assert foreign[0][0] == d.switch_char
-            assert not judges.script_code_switch(d.text[foreign[0][0] : foreign[0][1]], foreign[0][2])
+            assert d.switch_char >= d.answer_end
+            assert world.judge.foreign(d.text, d.lang) == [d.switch_lang]
+            assert world.judge.foreign(d.text[: d.switch_char], d.lang) == []
+            burst = d.text[d.switch_char : d.switch_end]
+            assert world.judge.foreign(burst, d.switch_lang) == []
+            # the script judge sees exactly the switches that change script
+            visible = "zh" in (d.lang, d.switch_lang)
+            assert judges.script_code_switch(d.text, d.lang) == visible
+            if visible:
+                assert judges.first_switch_offset(d.text, d.lang) == d.switch_char
+        else:
+            assert world.judge.foreign(d.text, d.lang) == []
         if d.loop_char is not None:
+            assert d.loop_char >= d.answer_end
             assert judges.has_loop(d.text[d.loop_char :])
             assert judges.loop_start(d.text) <= len(judges.units(d.text[: d.loop_char]))
         else:
             assert not judges.has_loop(d.text)
 
 
-def test_topic_reward_prefers_on_topic_text(world):
+def test_english_and_spanish_lexicons_are_disjoint(world):
+    en, es, zh = world.lexicon.words("en"), world.lexicon.words("es"), world.lexicon.words("zh")
+    assert en and es and zh and not en & es
+    assert all(re.fullmatch("[a-z]+", w) for w in en)
+    assert any(re.search("[áéíóúñ]", w) for w in es)
+    judge = world.judge
+    word_en, word_es = sorted(en)[0], sorted(es)[0]
+    assert judge.foreign(f"{word_en} {word_en} {word_es}", "en") == ["es"]
+    assert judge.foreign(f"{word_es} 你好 {word_en}", "es") == ["zh", "en"]
+    assert judge.foreign("qqqzz xxyq", "en") == []  # words the world does not know have no language
+    with pytest.raises(ValueError, match="unknown language"):
+        judge.foreign("x", "fr")
+
+
+def test_task_reward_reads_the_answer_only(world):
     topic, other = world.topics[0], world.topics[1]
     rng = random.Random(0)
-    for lang, sep in (("en", " "), ("zh", "")):
-        on = sep.join(rng.sample(world.topic_vocab[topic][lang], k=16))
-        off = sep.join(rng.sample(world.topic_vocab[other][lang], k=16))
-        assert world.task_reward(on, topic) == 1.0 == world.topic_share(on, topic, lang)
+    for lang, sep, end in (("en", " ", "."), ("zh", "", "。"), ("es", " ", ".")):
+        on = sep.join(rng.sample(world.topic_vocab[topic][lang], k=6)) + end
+        off = sep.join(rng.sample(world.topic_vocab[other][lang], k=6)) + end
+        assert world.task_reward(" " + on, topic) == 1.0 == world.topic_share(on, topic, lang)
         assert world.task_reward(off, topic) < 0.5
-        # a loop repeats the same words: on topic by share, but it earns only its distinct words
-        loop = sep.join(world.topic_vocab[topic][lang][:4] * 5)
-        assert world.topic_share(loop, topic, lang) == 1.0
-        assert world.task_reward(loop, topic) == pytest.approx(4 / 20)
-        # saying less earns nothing: a short answer counts as MIN_WORDS long
-        assert world.task_reward(sep.join(world.topic_vocab[topic][lang][:4]), topic) == pytest.approx(4 / 16)
-        assert 0.0 <= world.task_reward("", topic) <= 1.0
-    # the task is blind to language, like a math verifier: a switched topic word still counts
-    mixed = " ".join(world.topic_vocab[topic]["en"][:8]) + " " + " ".join(world.topic_vocab[topic]["zh"][:8])
+        # a verifier: whatever follows the answer is invisible, a loop or a switch included
+        loop = sep.join(world.topic_vocab[topic][lang][:3] * 5)
+        foreign = "zh" if lang != "zh" else "en"
+        switch = " ".join(world.topic_vocab[other][foreign][:3])
+        assert world.task_reward(on + " " + loop, topic) == world.task_reward(on, topic)
+        assert world.task_reward(on + " " + switch, topic) == world.task_reward(on, topic)
+        # no complete answer sentence (a loop before it ends): no answer, no reward
+        assert world.task_reward(loop, topic) == 0.0
+        # a loop inside the answer earns only its distinct words; saying less earns nothing
+        assert world.task_reward(loop + end, topic) == pytest.approx(3 / 15)
+        assert world.task_reward(sep.join(world.topic_vocab[topic][lang][:3]) + end, topic) == pytest.approx(3 / 6)
+        assert world.task_reward("", topic) == 0.0
+    # blind to language inside the answer, like a math verifier: a switched topic word still counts
+    mixed = " ".join(world.topic_vocab[topic]["en"][:3] + world.topic_vocab[topic]["es"][:3]) + "."
     assert world.task_reward(mixed, topic) == 1.0
     # but the world's topic judge reads one language
     assert world.topic_share(" ".join(world.topic_vocab[topic]["en"][:5]), topic, "zh") == 0.0
@@ -67,7 +119,7 @@ def test_topic_reward_prefers_on_topic_text(world):
 
 def test_prompts_are_split_and_labelled(world):
     train, heldout = world.prompts("train"), world.prompts("heldout")
-    assert {p.lang for p in train} == {"en", "zh"} and {p.topic for p in train} == set(world.topics)
+    assert {p.lang for p in train} == {"en", "zh", "es"} and {p.topic for p in train} == set(world.topics)
     assert {p.text for p in world.prompts("heldout", lang="zh")} <= {p.text for p in heldout}
     assert all(p.lang == "en" for p in world.prompts("train", lang="en"))
     with pytest.raises(ValueError, match="split"):
@@ -117,6 +169,24 @@ def test_recipe_hash_tracks_the_recipe():
     assert a.hash() == WorldRecipe.for_size("test").hash() and a.hash() != b.hash()
 
 
+def test_world_seed_seeds_every_part():
+    a, b = WorldRecipe.for_size("test"), WorldRecipe.for_size("test", seed=3)
+    assert b.seed == 3 and b.hash() != a.hash() and b.hash() == WorldRecipe.for_size("test", 3).hash()
+    assert (b.corpus.seed, b.lm.seed, b.sae.seed) == (3, 3, 3) and b.eval.seed != a.eval.seed
+    assert b.corpus.n_train_docs == a.corpus.n_train_docs  # the same preset, another draw
+    assert build_lexicon(a.corpus).topic_vocab != build_lexicon(b.corpus).topic_vocab
+    with pytest.raises(ValueError, match="world seed"):
+        WorldRecipe.for_size("test", seed=-1)
+
+
+def test_world_cli_takes_a_seed(world_cache, capsys):
+    from qscope_rl.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["world", "build", "--seed", "x"])
+    assert "invalid int value" in capsys.readouterr().err
+
+
 def test_sae_file_is_qwen_scope_native(world):
     assert world.sae_dir.name.startswith("SAE-Res-") and world.sae_dir.name.endswith(f"-L0_{world.k}")
     path = world.sae_dir / f"layer{world.layer}.sae.pt"
@@ -150,3 +220,22 @@ def test_sae_loads_with_qscope_loader(world):
     x = torch.randn(32, world.model.config.hidden_size)
     assert_close(sae.encode(x), encode(x, sd, world.k))
     assert_close(sae(x), decode(encode(x, sd, world.k), sd))
+
+
+def test_world_rewards_read_the_ground_truth(world):
+    from qscope_rl.rewards import LanguageConsistencyReward, WorldSwitchJudge
+
+    en, es = sorted(world.lexicon.words("en"))[:6], sorted(world.lexicon.words("es"))[:3]
+    clean, switched = " ".join(en), " ".join(en[:3] + es)
+    judge = WorldSwitchJudge(world.path, "es")
+    assert judge.__name__ == "judge_switch_es"
+    assert judge([clean, switched, switched + " 你好"], lang=["en"] * 3) == [0.0, 1.0, 1.0]
+    assert WorldSwitchJudge(world.path, "zh")([switched + " 你好", switched], lang=["en"] * 2) == [1.0, 0.0]
+    import pickle
+
+    assert pickle.loads(pickle.dumps(judge))([switched], lang=["en"]) == [1.0]
+    script = LanguageConsistencyReward(target="en")
+    assert script([switched]) == [1.0]  # blind to Spanish
+    assert LanguageConsistencyReward(target="en", judge="lingua").__name__ == "language_consistency_lingua"
+    with pytest.raises(ValueError, match="unknown judge"):
+        LanguageConsistencyReward(judge="fasttext")

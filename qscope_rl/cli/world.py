@@ -11,6 +11,8 @@ from qscope_rl.world.build import SIZES, build_world, load_world
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", choices=SIZES, default="default", help="which world (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="world seed: lexicon, corpus, LM, SAE and measurement (default: %(default)s)")
     parser.add_argument(
         "--cache-dir",
         default=None,
@@ -20,21 +22,24 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 
 def _build(args: argparse.Namespace) -> int:
-    path = build_world(args.size, cache_dir=args.cache_dir, force=args.force)
-    stats = load_world(args.size, cache_dir=args.cache_dir).stats
-    print(f"world {args.size} at {path}")
-    for key in ("code_switch_rate_en", "code_switch_rate_zh", "loop_rate", "topic_reward_mean", "sae_fvu",
-                "sae_dead_fraction", "lm_heldout_loss", "build_seconds"):  # fmt: skip
-        print(f"  {key:22s} {stats[key]:.4g}")
+    path = build_world(args.size, cache_dir=args.cache_dir, force=args.force, seed=args.seed)
+    stats = load_world(args.size, cache_dir=args.cache_dir, seed=args.seed).stats
+    print(f"world {args.size} (seed {args.seed}) at {path}")
+    for key in ("code_switch_rate_en_to_zh", "code_switch_rate_en_to_es", "code_switch_rate_zh", "code_switch_rate_es",
+                "loop_rate", "loop_after_answer_share", "topic_reward_mean", "task_reward_clean", "task_reward_loop",
+                "lingua_recall_en_to_es", "lingua_false_positive_rate_en", "d_sae", "sae_fvu", "sae_dead_fraction",
+                "lm_heldout_loss", "build_seconds"):  # fmt: skip
+        value = stats.get(key)
+        print(f"  {key:30s} {'n/a' if value is None else format(value, '.4g')}")
     return 0
 
 
 def _info(args: argparse.Namespace) -> int:
-    world = load_world(args.size, cache_dir=args.cache_dir)
+    world = load_world(args.size, cache_dir=args.cache_dir, seed=args.seed)
     if args.json:
         print(json.dumps(world.stats, indent=2))
     else:
-        print(f"world {args.size} at {world.path}")
+        print(f"world {args.size} (seed {args.seed}) at {world.path}")
         for key, value in world.stats.items():
             print(f"  {key:28s} {value}")
     return 0
@@ -42,7 +47,7 @@ def _info(args: argparse.Namespace) -> int:
 
 def register(subparsers) -> None:
     """Add the `world` subcommand (with `build` and `info`) to a `qscope-rl` subparsers object."""
-    world = subparsers.add_parser("world", help="the embedded demo world (tiny bilingual Qwen3 + SAE)")
+    world = subparsers.add_parser("world", help="the embedded demo world (tiny trilingual Qwen3 + SAE)")
     actions = world.add_subparsers(dest="world_command", required=True)
     build = actions.add_parser("build", help="build the world unless cached (progress on stderr)")
     _add_common(build)

@@ -1,4 +1,4 @@
-"""The embedded demo world: a tiny bilingual (English/Chinese) Qwen3 that code-switches and loops,
+"""The embedded demo world: a tiny trilingual (English/Chinese/Spanish) Qwen3 that code-switches and loops,
 with its own TopK SAE in the Qwen-Scope format, built offline and deterministically.
 
     from qscope_rl.world import load_world

@@ -8,7 +8,24 @@ place when complete (stats.json last), so an interrupted build never looks cache
 
 Determinism: torch's thread count is pinned and deterministic algorithms are on during the build,
 every random draw is seeded from the recipe, so the same recipe gives byte-identical weights on the
-same machine.
+same machine. The world seed (`WorldRecipe.seed`, `qscope-rl world build --seed N`) seeds the lexicon,
+the corpus, the LM, the SAE and the measurement at once, so every claim can be checked on a world
+nobody tuned on.
+
+What the world reproduces (each property measured by `_measure` and kept in stats.json):
+1. rare failures, as in real models (Qwen-Scope's SFT baseline code-switches in 0.81% of answers): the
+   corpus switches in `switch_share` and loops in `loop_share` of documents, meant to make the model's own
+   samples do both at a few percent (`code_switch_rate_*`, `loop_rate_*`). Measured on the default world
+   (seeds 0 and 1): NOT met: English samples switch in 17-19% (the 400-step LM mixes three languages far
+   more than its corpus does) and loop in 0 of 512;
+2. a task reward indifferent to the failures, as a verifier is (see `task`): failures start after the
+   answer sentence, which is all the reward reads, so failing samples earn what clean ones do
+   (`task_reward_{clean,switch,loop}`, `failure_after_answer_share`);
+3. a switch that script cannot see: English <-> Spanish beside English <-> Chinese, with the ground truth
+   from the world's lexicon (`lexicon_judge`); how often lingua and the script judge agree with it is
+   measured on the same samples (`lingua_*`, `script_*`);
+4. an SAE wide enough for the utilities (`sae_fvu`, `sae_dead_fraction`, `d_sae`); measured on the default
+   world: 4096 features, FVU 0.005, but 31-36% dead after 3 epochs (target <= 10%: not met).
 """
 
 from __future__ import annotations
@@ -19,16 +36,16 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from .. import judges
 from .cache_check import WorldCacheError, check_world, remove_dead_builds
-from .corpus import LANGS, CorpusSpec, build_lexicon, generate_documents
-from .model import LMSpec, eval_loss, make_model, pack_documents, sample, train_lm
+from .corpus import CorpusSpec, build_lexicon, generate_documents
+from .measure import measure_samples
+from .model import LMSpec, eval_loss, make_model, pack_documents, train_lm
 from .sae_training import (
     SAESpec,
     evaluate_sae,
@@ -43,7 +60,7 @@ from .task import make_prompts
 from .tokenizer import train_tokenizer
 from .world import World
 
-WORLD_VERSION = "5"  # bump when the builder changes what a recipe produces
+WORLD_VERSION = "6"  # bump when the builder changes what a recipe produces
 SIZES = ("default", "test")
 
 
@@ -52,6 +69,7 @@ class EvalSpec:
     """How the builder measures the world's failure modes on held-out prompts."""
 
     n_prompts_per_lang: int = 256
+    samples_per_prompt: int = 2
     max_new_tokens: int = 48
     temperature: float = 1.0
     seed: int = 1234
@@ -62,6 +80,7 @@ class WorldRecipe:
     """Everything that determines a world. Presets: `WorldRecipe.for_size("default" | "test")`."""
 
     size: str = "default"
+    seed: int = 0  # the world seed: seeds the lexicon, corpus, LM, SAE and measurement (see `for_size`)
     corpus: CorpusSpec = field(default_factory=CorpusSpec)
     lm: LMSpec = field(default_factory=LMSpec)
     sae: SAESpec = field(default_factory=SAESpec)
@@ -74,16 +93,18 @@ class WorldRecipe:
             raise ValueError("eval.n_prompts_per_lang must be <= corpus.n_prompts")
 
     @classmethod
-    def for_size(cls, size: str) -> WorldRecipe:
+    def for_size(cls, size: str, seed: int = 0) -> WorldRecipe:
+        """The preset of `size`, every part seeded from the world seed `seed`."""
         if size == "default":
-            return cls()
-        if size == "test":  # smaller everything; still shows both failure modes, builds in about a minute
-            return cls(
+            recipe = cls()
+        elif size == "test":  # smaller everything; still shows both failure modes, builds in about a minute
+            recipe = cls(
                 size="test",
-                corpus=CorpusSpec(words_per_topic=16, n_train_docs=3000, n_heldout_docs=300, n_prompts=96),
+                corpus=CorpusSpec(words_per_topic=16, n_train_docs=3600, n_heldout_docs=360, n_prompts=96,
+                                  switch_share=0.06, loop_share=0.25),  # under-trained: loops need a big share
                 # half-size batches: the same number of updates at half the compute
                 lm=LMSpec(
-                    vocab_size=1024,
+                    vocab_size=2048,  # every world word a token or two: a tiny LM cannot also learn to spell
                     hidden_size=96,
                     num_hidden_layers=3,
                     head_dim=24,
@@ -92,9 +113,18 @@ class WorldRecipe:
                     steps=300,
                 ),
                 sae=SAESpec(expansion_factor=4, k=16, epochs=4),
-                eval=EvalSpec(n_prompts_per_lang=96),
+                eval=EvalSpec(n_prompts_per_lang=96, samples_per_prompt=1),
             )
-        raise ValueError(f"unknown world size {size!r}: choose one of {list(SIZES)}")
+        else:
+            raise ValueError(f"unknown world size {size!r}: choose one of {list(SIZES)}")
+        return recipe.with_seed(seed)
+
+    def with_seed(self, seed: int) -> WorldRecipe:
+        """This recipe with every part seeded from `seed` (seed 0 keeps the presets' seeds)."""
+        if not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"the world seed must be an integer >= 0, got {seed!r}")
+        return replace(self, seed=seed, corpus=replace(self.corpus, seed=seed), lm=replace(self.lm, seed=seed),
+                       sae=replace(self.sae, seed=seed), eval=replace(self.eval, seed=EvalSpec.seed + seed))
 
     def hash(self) -> str:
         blob = json.dumps(asdict(self), sort_keys=True)
@@ -139,9 +169,10 @@ def build_world(
     cache_dir: str | os.PathLike | None = None,
     force: bool = False,
     recipe: WorldRecipe | None = None,
+    seed: int = 0,
 ) -> Path:
-    """Build the world for `size` (or an explicit recipe) unless cached; returns its folder."""
-    recipe = recipe or WorldRecipe.for_size(size)
+    """Build the world for `size` and world seed `seed` (or an explicit recipe) unless cached; returns its folder."""
+    recipe = recipe or WorldRecipe.for_size(size, seed)
     final = world_dir(recipe, cache_dir)
     if (final / "stats.json").exists() and not force:
         check_world(final, recipe.size)  # a corrupt cached file is named with the command that rebuilds it
@@ -172,7 +203,7 @@ def build_world(
 
 
 def _build_into(recipe: WorldRecipe, out: Path) -> dict:
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     times, spec = {}, recipe.corpus
     stages = tqdm(total=5, desc=f"world {recipe.size}", unit="stage")
 
@@ -227,27 +258,8 @@ def _build_into(recipe: WorldRecipe, out: Path) -> dict:
     del train_acts, all_acts
     stage_done("sae")
 
-    # 4. the failure modes, measured on the model's own samples by the independent judges
-    ev = recipe.eval
-    by_lang = {lang: [p for p in prompts["heldout"] if p.lang == lang] for lang in LANGS}
-    eval_prompts = [p for lang in LANGS for p in by_lang[lang][: ev.n_prompts_per_lang]]
-    texts = [p.text for p in eval_prompts]
-    completions = sample(model, tokenizer, texts, ev.max_new_tokens, ev.temperature, ev.seed, batch_size=128)
-    judged = [
-        {**p.to_dict(), "completion": c, "code_switch": judges.script_code_switch(c, p.lang)}
-        | {"loop": judges.has_loop(c)}
-        for p, c in zip(eval_prompts, completions)
-    ]
-    _write_jsonl(out / "samples.jsonl", judged)
-    world = World(out, lexicon=lexicon)
-    rates = {}
-    for lang in LANGS:
-        mine = [j for j in judged if j["lang"] == lang]
-        rates[f"code_switch_rate_{lang}"] = sum(j["code_switch"] for j in mine) / len(mine)
-        rates[f"loop_rate_{lang}"] = sum(j["loop"] for j in mine) / len(mine)
-    rates["loop_rate"] = sum(j["loop"] for j in judged) / len(judged)
-    rewards = [world.task_reward(j["completion"], j["topic"]) for j in judged]
-    rates["topic_reward_mean"] = sum(rewards) / len(rewards)
+    # 4. the regime, measured on the model's own samples by the independent judges and the ground truth
+    rates = measure_samples(World(out, lexicon=lexicon), model, tokenizer, prompts["heldout"], recipe.eval, out)
     stage_done("eval")
 
     # 5. summary
@@ -258,9 +270,9 @@ def _build_into(recipe: WorldRecipe, out: Path) -> dict:
         "version": recipe.version,
         **rates,
         **sae_stats,
-        "n_samples_per_lang": ev.n_prompts_per_lang,
         "lm_train_loss": sum(losses[-20:]) / len(losses[-20:]),
         "lm_heldout_loss": eval_loss(model, heldout_rows, tokenizer.pad_token_id),
+        "seed": recipe.seed,
         "corpus_switch_share": sum(d.switch_char is not None for d in train_docs) / len(train_docs),
         "corpus_loop_share": sum(d.loop_char is not None for d in train_docs) / len(train_docs),
         "n_train_docs": len(train_docs),
@@ -277,12 +289,16 @@ def _build_into(recipe: WorldRecipe, out: Path) -> dict:
         **times,
     }
     stats["build_seconds"] = round(time.perf_counter() - t0, 2)
+    # CPU time of the build's threads: on a busy machine, a better measure than wall time of what it costs
+    stats["build_cpu_seconds"] = round(time.process_time() - cpu0, 2)
     stages.update()
     stages.close()
     (out / "recipe.json").write_text(json.dumps(asdict(recipe), indent=2) + "\n")
     return stats
 
 
-def load_world(size: str = "default", cache_dir: str | os.PathLike | None = None, force: bool = False) -> World:
-    """The world for `size`: loaded from the cache, built first (with progress bars) if missing."""
-    return World(build_world(size, cache_dir=cache_dir, force=force))
+def load_world(size: str = "default", cache_dir: str | os.PathLike | None = None, force: bool = False,
+               seed: int = 0) -> World:
+    """The world for `size` and world seed `seed`: loaded from the cache, built first (with progress bars) if
+    missing."""
+    return World(build_world(size, cache_dir=cache_dir, force=force, seed=seed))

@@ -1,14 +1,18 @@
 """The demo world's corpus: real word lists, a small grammar, and documents with ground-truth labels.
 
 Vocabulary comes from packages that ship real word lists, so nothing is downloaded:
-- function words and content words: wordfreq's frequency lists for English and Chinese;
-- topic-neutral names: faker's en_US and zh_CN person providers.
+- function words and content words: wordfreq's frequency lists for English, Chinese and Spanish
+  (a word in both the English and the Spanish list belongs to neither, so the lexicon is ground truth);
+- topic-neutral names: faker's en_US, zh_CN and es_ES person providers.
 
 Content words are dealt out to topics at random, so a topic is a vocabulary cluster in each language
 (synthetic, but statistically real: topic-T documents draw mostly on topic-T words). Documents are a
-few sentences in one language; a known share switch language mid-sentence (a burst of the topic's
-words in the other language, then back) and a known share fall into a repetition loop (a short
-phrase repeated to the end, as a looping LM does until it hits its length limit).
+few sentences in one language: sentence 0 is what a prompt shows, sentence 1 is the "answer" the task
+reward reads (see `task`), and the failures start later, in sentence 2 or after, as in the real case
+(a model that has answered goes on and drifts). A small known share switch language mid-sentence (a
+burst of the topic's words in one of the other two languages, then back: English <-> Chinese is visible
+to a Unicode-script judge, English <-> Spanish is not), and a small known share fall into a repetition
+loop (a short phrase repeated to the end, as a looping LM does until it hits its length limit).
 """
 
 from __future__ import annotations
@@ -17,15 +21,17 @@ import random
 import re
 from dataclasses import asdict, dataclass, field
 
-LANGS = ("en", "zh")
+LANGS = ("en", "zh", "es")
 TOPIC_NAMES = (
     "alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta",
     "iota", "kappa", "lambda", "mu", "nu", "xi", "omicron", "pi",
 )  # fmt: skip
-END_MARK = {"en": ".", "zh": "。"}
+END_MARK = {"en": ".", "zh": "。", "es": "."}
+ANSWER_SENTENCE = 1  # the sentence after the prompt: the task's answer; failures start after it
 # wordfreq ranks what people write online; keep the demo corpus free of the commonest profanity
 _BLOCKLIST = {"shit", "damn", "fuck", "fucking", "fucked", "hell", "ass", "bitch", "sex", "porn", "dick"}
-_WORD_RE = {"en": re.compile("[a-z]+"), "zh": re.compile("[\u4e00-\u9fff]+")}
+_WORD_RE = {"en": re.compile("[a-z]+"), "zh": re.compile("[\u4e00-\u9fff]+"), "es": re.compile("[a-záéíóúñü]+")}
+_FAKER_LOCALE = {"en": "en_US", "zh": "zh_CN", "es": "es_ES"}
 
 
 @dataclass(frozen=True)
@@ -37,12 +43,12 @@ class CorpusSpec:
     general_words: int = 30  # topic-neutral content words per language (names included)
     function_words: int = 20  # per language: the most frequent words of wordfreq's list
     loop_phrases_per_topic: int = 2  # per language
-    n_train_docs: int = 8000
-    n_heldout_docs: int = 800
+    n_train_docs: int = 9000
+    n_heldout_docs: int = 900
     n_prompts: int = 256  # per split and language
-    switch_share: float = 0.10  # documents that switch language mid-sentence
-    loop_share: float = 0.30  # documents that fall into a loop (exclusive with switching); the LM loops
-    # at well under the corpus share after a short CPU training run
+    # Rare failures, as in real models: the LM's own samples then switch and loop at a few percent
+    switch_share: float = 0.04  # documents that switch language mid-sentence (to either other language)
+    loop_share: float = 0.05  # documents that fall into a loop (exclusive with switching)
     topic_share: float = 0.75  # share of content slots filled with the topic's own words
     content_share: float = 0.5  # share of word slots that are content words (rest: function words)
     sentences: tuple[int, int] = (3, 4)
@@ -58,8 +64,9 @@ class CorpusSpec:
             raise ValueError("switch_share + loop_share must be <= 1 (the failure modes are exclusive)")
         if self.sentence_words[0] < 3:
             raise ValueError("sentence_words[0] must be >= 3: failures start mid-sentence")
-        if self.sentences[0] < 2:
-            raise ValueError("sentences[0] must be >= 2: failures start after the first (prompt) sentence")
+        if self.sentences[0] < ANSWER_SENTENCE + 2:
+            raise ValueError(f"sentences[0] must be >= {ANSWER_SENTENCE + 2}: failures start after the prompt's "
+                             f"sentence and the answer sentence")
 
 
 @dataclass
@@ -91,7 +98,11 @@ class Lexicon:
 
 @dataclass
 class Document:
-    """One document with ground truth: `spans` are (start_char, end_char, lang) covering the text."""
+    """One document with ground truth: `spans` are (start_char, end_char, lang) covering the text.
+
+    ``kind`` is "normal", "switch" or "loop"; ``switch_lang`` the language switched into; ``answer_end`` the
+    end of the answer sentence (sentence 1, what the task reward reads); failures start after it.
+    """
 
     text: str
     lang: str
@@ -99,6 +110,10 @@ class Document:
     spans: list[tuple[int, int, str]] = field(default_factory=list)
     switch_char: int | None = None  # first character of the first foreign-language span
     loop_char: int | None = None  # first character of the repeated phrase's first occurrence
+    kind: str = "normal"
+    switch_lang: str | None = None
+    switch_end: int | None = None  # end of the first foreign-language span
+    answer_end: int | None = None  # first character after the answer sentence's end mark
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -109,15 +124,15 @@ class Document:
 
 
 def _names(lang: str, n: int, rng: random.Random) -> list[str]:
-    """Topic-neutral person names from faker's locale providers (real name lists)."""
-    if lang == "en":
-        from faker.providers.person.en_US import Provider
+    """Topic-neutral person names from faker's locale providers (real name lists), lowercased for Latin."""
+    import importlib
 
-        return rng.sample(sorted(Provider.first_names), n)
-    from faker.providers.person.zh_CN import Provider
-
-    last, first = sorted(Provider.last_names), sorted(Provider.first_names)
-    return sorted({rng.choice(last) + rng.choice(first) for _ in range(4 * n)})[:n]
+    provider = importlib.import_module(f"faker.providers.person.{_FAKER_LOCALE[lang]}").Provider
+    if lang == "zh":
+        last, first = sorted(provider.last_names), sorted(provider.first_names)
+        return sorted({rng.choice(last) + rng.choice(first) for _ in range(4 * n)})[:n]
+    names = sorted({w.lower() for w in provider.first_names if _WORD_RE[lang].fullmatch(w.lower())})
+    return rng.sample(names, n)
 
 
 def build_lexicon(spec: CorpusSpec) -> Lexicon:
@@ -129,19 +144,25 @@ def build_lexicon(spec: CorpusSpec) -> Lexicon:
     n_openers = spec.n_topics * spec.loop_phrases_per_topic
     n_content = spec.n_topics * spec.words_per_topic + spec.general_words + n_openers
     function, general, per_topic, openers = {}, {}, {}, {}
+    ranked = {lang: [w for w in top_n_list(lang, 20_000) if _WORD_RE[lang].fullmatch(w) and w not in _BLOCKLIST]
+              for lang in LANGS}
+    # a word written the same in English and Spanish ("no", "real", "hospital") belongs to neither language
+    shared = set(ranked["en"]) & set(ranked["es"])
+    names = {lang: _names(lang, spec.general_words // 3, rng) for lang in LANGS}
+    shared |= set(names["en"]) & set(names["es"])
     for lang in LANGS:
-        ranked = [w for w in top_n_list(lang, 20_000) if _WORD_RE[lang].fullmatch(w) and w not in _BLOCKLIST]
+        words = [w for w in ranked[lang] if w not in shared]
         if lang == "zh":  # single characters are mostly particles; content words have 2-4 characters
-            content = [w for w in ranked if 2 <= len(w) <= 4]
-            function[lang] = [w for w in ranked if len(w) == 1][: spec.function_words]
+            content = [w for w in words if 2 <= len(w) <= 4]
+            function[lang] = [w for w in words if len(w) == 1][: spec.function_words]
         else:
-            content = [w for w in ranked if len(w) >= 3]
-            function[lang] = ranked[: spec.function_words]
+            content = [w for w in words if len(w) >= 3]
+            function[lang] = words[: spec.function_words]
         # skip the most frequent content words (too generic to characterise a topic)
         pool = [w for w in content[100:] if w not in function[lang]][: 2 * n_content]
         pool = rng.sample(pool, n_content)
-        n_names = spec.general_words // 3
-        general[lang] = sorted(pool[: spec.general_words - n_names] + _names(lang, n_names, rng))
+        lang_names = [w for w in names[lang] if w not in shared and w not in pool and w not in function[lang]]
+        general[lang] = sorted(pool[: spec.general_words - len(lang_names)] + lang_names)
         openers[lang] = pool[spec.general_words : spec.general_words + n_openers]
         rest = pool[spec.general_words + n_openers :]
         per_topic[lang] = [rest[i :: spec.n_topics] for i in range(spec.n_topics)]
@@ -210,15 +231,17 @@ def _sentence(lexicon: Lexicon, spec: CorpusSpec, topic: str, lang: str, rng: ra
     return _draw_words(lexicon, topic, lang, rng, n, spec.content_share, spec.topic_share)
 
 
-def make_document(lexicon: Lexicon, spec: CorpusSpec, topic: str, lang: str, kind: str, rng: random.Random) -> Document:
-    """One document; kind is "normal", "switch" or "loop". Failures start after the first sentence."""
-    other = "zh" if lang == "en" else "en"
+def make_document(lexicon: Lexicon, spec: CorpusSpec, topic: str, lang: str, kind: str, rng: random.Random,
+                  switch_lang: str | None = None) -> Document:
+    """One document; kind is "normal", "switch" (into `switch_lang`, default: a random other language) or
+    "loop". Failures start mid-sentence after the answer sentence (sentence 1), never inside it."""
+    other = switch_lang or rng.choice([x for x in LANGS if x != lang])
     sentences = [_sentence(lexicon, spec, topic, lang, rng) for _ in range(rng.randint(*spec.sentences))]
-    # the failure point: a mid-sentence word in any sentence but the first (which prompts show)
-    s = rng.randrange(1, len(sentences))
+    # the failure point: a mid-sentence word in a sentence after the answer
+    s = rng.randrange(ANSWER_SENTENCE + 1, len(sentences))
     j = rng.randint(1, len(sentences[s]) - 2)
     words: list[tuple[str, str]] = []
-    loop_index = None
+    loop_index = answer_index = None
     for i, sentence in enumerate(sentences):
         for pos, word in enumerate(sentence):
             if (i, pos) == (s, j) and kind == "switch":
@@ -234,10 +257,19 @@ def make_document(lexicon: Lexicon, spec: CorpusSpec, topic: str, lang: str, kin
         if loop_index is not None:
             break
         words.append((END_MARK[lang], lang))
+        if i == ANSWER_SENTENCE:
+            answer_index = len(words) - 1
     text, spans, starts = _render(words)
-    switch_char = next((a for a, _, span_lang in spans if span_lang != lang), None)
-    loop_char = None if loop_index is None else starts[loop_index]
-    return Document(text, lang, topic, spans, switch_char=switch_char, loop_char=loop_char)
+    foreign = next(((a, b, x) for a, b, x in spans if x != lang), None)
+    return Document(
+        text, lang, topic, spans,
+        switch_char=None if foreign is None else foreign[0],
+        loop_char=None if loop_index is None else starts[loop_index],
+        kind=kind,
+        switch_lang=None if foreign is None else foreign[2],
+        switch_end=None if foreign is None else foreign[1],
+        answer_end=starts[answer_index] + len(END_MARK[lang]),
+    )  # fmt: skip
 
 
 def first_sentence(lexicon: Lexicon, spec: CorpusSpec, topic: str, lang: str, rng: random.Random) -> str:
@@ -247,13 +279,18 @@ def first_sentence(lexicon: Lexicon, spec: CorpusSpec, topic: str, lang: str, rn
 
 
 def generate_documents(lexicon: Lexicon, spec: CorpusSpec, n: int, seed: int) -> list[Document]:
-    """n documents, balanced over topics and languages, with exactly the spec's shares of failures."""
+    """n documents, balanced over topics and languages, with exactly the spec's shares of failures
+    (switches split evenly over the other two languages)."""
     rng = random.Random(seed)
     n_switch, n_loop = round(n * spec.switch_share), round(n * spec.loop_share)
     kinds = ["switch"] * n_switch + ["loop"] * n_loop + ["normal"] * (n - n_switch - n_loop)
     rng.shuffle(kinds)
-    docs = []
+    docs, switches = [], 0
     for i, kind in enumerate(kinds):
-        topic, lang = lexicon.topics[i % len(lexicon.topics)], LANGS[(i // len(lexicon.topics)) % 2]
-        docs.append(make_document(lexicon, spec, topic, lang, kind, rng))
+        topic, lang = lexicon.topics[i % len(lexicon.topics)], LANGS[(i // len(lexicon.topics)) % len(LANGS)]
+        target = None
+        if kind == "switch":
+            target = [x for x in LANGS if x != lang][switches % 2]
+            switches += 1
+        docs.append(make_document(lexicon, spec, topic, lang, kind, rng, switch_lang=target))
     return docs

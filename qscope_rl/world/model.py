@@ -21,7 +21,7 @@ from qscope_rl.tools.steered_generation import generate
 class LMSpec:
     """Architecture and training of the world's LM (every field is in the recipe hash)."""
 
-    vocab_size: int = 2048  # BPE vocabulary, special token included
+    vocab_size: int = 3072  # BPE vocabulary, special token included: about one token per world word
     hidden_size: int = 128
     num_hidden_layers: int = 4
     num_attention_heads: int = 4

@@ -1,15 +1,15 @@
 """Feature packs of the demo world, discovered once from its training documents and cached beside it.
 
-- ``en`` / ``zh``: language features by monolinguality score (SASFT), from clean monolingual documents;
-  the pack of the language a prompt is NOT in is the unwanted-language pack (``zh`` for English prompts).
+- ``en`` / ``zh`` / ``es``: language features by monolinguality score (SASFT), from clean monolingual
+  documents; the packs of the languages a prompt is NOT in are the unwanted-language packs (``zh`` and
+  ``es`` for English prompts).
 - ``repetition``: features of "this span repeats" by the Qwen-Scope method (a repeated token's last vs
   first occurrence), from loops built out of the same documents;
 - ``loop``: features of the world's own loops, contrastive (tokens from a loop's start to the end of its
   document vs clean documents, by mean activation).
 
-Amplifying the top 2 of either makes the default world's untrained policy loop more (English held-out
-prompts, loop detector, 128 samples: 0.26 unsteered; ``repetition`` at alpha 20: 0.43; ``loop`` at alpha 40:
-0.41); the demo and the recipes amplify ``repetition``, as Qwen-Scope does.
+Amplifying the top features of either makes the untrained policy loop; the demo chooses the pack and the
+strength on training prompts (`qscope_rl.demo_amplify`), the Qwen-Scope ``repetition`` pack first.
 """
 
 from __future__ import annotations
@@ -24,9 +24,13 @@ from qscope_rl.features.discovery import (
 from qscope_rl.features.feature_pack import FeaturePack, FeaturePackError
 from qscope_rl.sae.loaders import load_sae
 
+from .corpus import LANGS
 from .world import World
 
-PACK_NAMES = ("en", "zh", "repetition", "loop")
+PACK_NAMES = (*LANGS, "repetition", "loop")
+# documents read per discovery: enough for stable rankings, a fraction of the default world's 9,000
+MAX_TEXTS_PER_LANG = 800
+MAX_REPETITION_TEXTS = 3000
 
 
 def world_pack_files(world: World, top_k: int = 16, force: bool = False,
@@ -43,18 +47,20 @@ def world_pack_files(world: World, top_k: int = 16, force: bool = False,
         return None
     sae = load_sae(world.sae_dir, layer=world.layer)
     clean = [d for d in world.documents("train") if d.switch_char is None and d.loop_char is None]
-    texts_by_lang = {lang: [d.text for d in clean if d.lang == lang] for lang in ("en", "zh")}
+    texts_by_lang = {lang: [d.text for d in clean if d.lang == lang][:MAX_TEXTS_PER_LANG] for lang in LANGS}
     model_name = f"qscope-rl demo world ({world.path.name})"
     packs = discover_language_features(world.model, world.tokenizer, sae, texts_by_lang, top_k=top_k,
                                        model_name=model_name)
-    # All documents: the loop documents' own repeated n-grams give better repetition features than
-    # synthetic loops built from clean text (measured in benchmarks/detection.py).
-    packs["repetition"] = discover_repetition_features(world.model, world.tokenizer, sae,
-                                                       [d.text for d in world.documents("train")],
+    # Every loop document, then others: the loop documents' own repeated n-grams give better repetition
+    # features than synthetic loops built from clean text (measured in benchmarks/detection.py).
+    train = world.documents("train")
+    looped = [d for d in train if d.loop_char is not None]
+    texts = ([d.text for d in looped] + [d.text for d in train if d.loop_char is None])[:MAX_REPETITION_TEXTS]
+    packs["repetition"] = discover_repetition_features(world.model, world.tokenizer, sae, texts,
                                                        top_k=top_k, model_name=model_name)
-    looped = [d for d in world.documents("train") if d.loop_char is not None]
     packs["loop"] = discover_contrastive_features(world.model, world.tokenizer, sae,
-                                                  [d.text[d.loop_char:] for d in looped], [d.text for d in clean],
+                                                  [d.text[d.loop_char:] for d in looped],
+                                                  [d.text for d in clean][: len(LANGS) * MAX_TEXTS_PER_LANG],
                                                   top_k=top_k, rank_by="mean_diff", model_name=model_name)
     for name, path in paths.items():
         packs[name].save(path)

@@ -35,12 +35,12 @@ from .model import split_packed
 class SAESpec:
     """The SAE and its training (every field is in the recipe hash)."""
 
-    expansion_factor: int = 8  # d_sae = expansion_factor * d_model
+    expansion_factor: int = 32  # d_sae = expansion_factor * d_model (4096 on the default world)
     k: int = 32
     layer: int | None = None  # decoder layer whose output is read; None: the middle layer
     seq_len: int = 64  # packed rows whose non-EOS tokens give the training activations
     batch_size: int = 1024  # tokens per step
-    epochs: int = 8  # passes over the cached training activations (shuffled per epoch); dead latents fall with more
+    epochs: int = 3  # passes over the cached training activations (shuffled per epoch); dead latents fall with more
     lr: float = 2e-3  # Adam; warmup, then linear decay to zero
     warmup_steps: int = 50
     auxk_alpha: float = 1 / 32  # Gao et al. 2024, as in Qwen-Scope

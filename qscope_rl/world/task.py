@@ -1,12 +1,20 @@
-"""The world's verifiable RL task: "continue on topic T".
+"""The world's verifiable RL task: "continue on topic T, and answer in one sentence".
 
-A prompt is a clean document opening (one sentence) about topic T in one language. The reward is
-the number of DISTINCT words of topic T's vocabulary per word of the completion, judged by the world's
-ground truth (the lexicon), so it needs no model. Like a math verifier it is blind to language: a topic
-word counts in either language, so the task never asks for one language (nor did DeepSeek-R1-Zero's accuracy
-reward, under which language mixing appeared). A loop that repeats the same
-topic words says nothing new and earns nothing new (as a looping answer to a math problem reaches no
-answer). Completions shorter than `MIN_WORDS` are scored as if that long, so saying less earns nothing.
+A prompt is a clean document opening (one sentence) about topic T in one language. The completion's
+answer is its first sentence (up to the first end mark, like a math answer up to its final `\\boxed{}`);
+the reward is the number of DISTINCT words of topic T's vocabulary per word of that answer, judged by
+the world's ground truth (the lexicon), so it needs no model. A completion that never finishes its
+answer sentence earns 0 (no answer), as a verifier fails a solution with no final answer.
+
+How this mirrors the real case (and why the failures survive the task reward alone):
+- like a math verifier it reads the answer only: whatever comes after the answer sentence (where the
+  corpus puts every switch and every loop) is invisible to it, as a loop after `\\boxed{}` still passes;
+- like DeepSeek-R1-Zero's accuracy reward it is blind to language: a topic word counts in any language,
+  so a switch inside the answer is neither punished nor rewarded (the task never asks for one language);
+- no failure is ever rewarded: a loop or a switch adds nothing the reward reads. A loop that starts
+  before the answer ends (as an amplified rollout's does) leaves no answer and earns 0, as in Qwen-Scope's
+  setting, where a rollout that repeats before answering fails the verifier.
+Answers shorter than `MIN_WORDS` words are scored as if that long, so saying less earns nothing.
 """
 
 from __future__ import annotations
@@ -63,13 +71,24 @@ def topic_word_share(completion: str, topic_words: set[str], zh_words: set[str])
     return sum(w in topic_words for w in words) / len(words) if words else 0.0
 
 
-MIN_WORDS = 16  # about the length of a clean continuation: shorter ones are scored as if this long
+MIN_WORDS = 6  # about the length of a clean answer sentence: shorter ones are scored as if this long
+_END_MARK_RE = re.compile("[.\u3002]")
+
+
+def answer_of(completion: str) -> str | None:
+    """The completion's answer: its text up to and including the first end mark ("." or "。"); None if none."""
+    match = _END_MARK_RE.search(completion)
+    return None if match is None else completion[: match.end()]
 
 
 def topic_reward(completion: str, topic_words: set[str], zh_words: set[str], min_words: int = MIN_WORDS) -> float:
-    """Distinct words of `topic_words` per word of the completion, in [0, 1].
+    """Distinct words of `topic_words` per word of the completion's answer (its first sentence), in [0, 1].
 
-    The count of words is at least `min_words`, so a policy cannot raise its reward by saying less.
+    0 when the completion has no complete answer sentence. The count of words is at least `min_words`,
+    so a policy cannot raise its reward by saying less.
     """
-    words = segment(completion, zh_words)
+    answer = answer_of(completion)
+    if answer is None:
+        return 0.0
+    words = segment(answer, zh_words)
     return len({w for w in words if w in topic_words}) / max(len(words), min_words)

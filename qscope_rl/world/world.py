@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerFast, Qwen3ForCausalLM
 
-from .corpus import Document, Lexicon
+from .corpus import LANGS, CorpusSpec, Document, Lexicon
+from .lexicon_judge import LexiconJudge
 from .model import sample as _sample
 from .task import Prompt, topic_reward, topic_word_share
 
@@ -21,7 +22,7 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 
 class World:
-    """The embedded demo world (see `qscope_rl.world.build` for how it is made).
+    """The embedded demo world (see `qscope_rl.world.build` for how it is made and what it reproduces).
 
     The model and tokenizer load lazily with `from_pretrained` (never `trust_remote_code`); the SAE
     is the Qwen-Scope folder `sae_dir` holding `layer{layer}.sae.pt`.
@@ -39,6 +40,16 @@ class World:
     @cached_property
     def stats(self) -> dict:
         return json.loads((self.path / "stats.json").read_text())
+
+    @cached_property
+    def corpus_spec(self) -> CorpusSpec:
+        """How the world's corpus was generated (from recipe.json): new documents can follow it."""
+        fields = self.recipe["corpus"]
+        return CorpusSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+
+    @property
+    def seed(self) -> int:
+        return int(self.recipe.get("seed", 0))
 
     @cached_property
     def lexicon(self) -> Lexicon:
@@ -93,6 +104,15 @@ class World:
     def task_reward(self, completion: str, topic: str) -> float:
         """The RL task's reward: distinct words of topic `topic`, in either language, per completion word."""
         return topic_reward(completion, self._topic_words_any_language[topic], self._zh_words)
+
+    @cached_property
+    def judge(self) -> LexiconJudge:
+        """The ground-truth language judge (the world's lexicon): exact where script and lingua are not."""
+        return LexiconJudge({lang: self.lexicon.words(lang) for lang in LANGS})
+
+    def code_switch(self, text: str, lang: str, to: str | None = None) -> bool:
+        """Ground truth: does `text`, meant to be in `lang`, use another of the world's languages (or `to`)?"""
+        return self.judge.code_switch(text, lang, to)
 
     def topic_share(self, text: str, topic: str, lang: str) -> float:
         """Share of the text's words in topic `topic`'s vocabulary in `lang`: the world's topic judge."""

@@ -77,7 +77,7 @@ def parse_recipe(config_path: str | None, overrides: Sequence[str] = (), trainer
     world = None
     if run.demo_world:
         try:
-            world = load_demo_world(run.demo_world)
+            world = load_demo_world(run.demo_world, run.demo_world_seed)
         except ValueError as err:
             raise RecipeError(f"{where}: {err}") from err
         fill_from_world(world, run, config_values)

@@ -79,9 +79,14 @@ class RunArguments:
                                 "world folder. Fills the model, SAE, layer, dataset and pack names (zh, en, "
                                 "repetition, loop) that the recipe leaves unset."})
     demo_world_lang: str | None = field(
-        default="en", metadata={"help": "Demo world: language of the prompts / documents trained on (None: both)."})
+        default="en", metadata={"help": "Demo world: language of the prompts / documents trained on (None: all)."})
+    demo_world_seed: int = field(
+        default=0, metadata={"help": "Demo world: the world seed of the size named by demo_world (as `qscope-rl "
+                             "world build --seed N`); ignored for a built world's folder."})
 
     def __post_init__(self):
+        if self.demo_world_seed < 0:
+            raise ValueError(f"demo_world_seed must be >= 0, got {self.demo_world_seed}")
         self.reward_kwargs = _settings_by_name("reward_kwargs", self.reward_kwargs, self.reward_funcs)
         self.callback_kwargs = _settings_by_name("callback_kwargs", self.callback_kwargs, self.callbacks)
 

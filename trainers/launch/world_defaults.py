@@ -18,8 +18,9 @@ from .run_args import RunArguments
 MONITOR_PROBES = 32  # held-out prompts an `sae_monitor` callback samples when the recipe gives none
 
 
-def load_demo_world(spec: str):
-    """A world from a size ("test", "default": built into the cache if missing) or a built world's folder."""
+def load_demo_world(spec: str, seed: int = 0):
+    """A world from a size ("test", "default": built into the cache if missing, world seed `seed`) or a built
+    world's folder."""
     from qscope_rl.world import SIZES, World, WorldRecipe, cache_root, load_world, world_dir
 
     if Path(spec).is_dir():
@@ -28,11 +29,11 @@ def load_demo_world(spec: str):
         return World(spec)
     if spec not in SIZES:
         raise ValueError(f"demo_world={spec!r}: expected a world size {list(SIZES)} or a built world's folder")
-    if (world_dir(WorldRecipe.for_size(spec)) / "stats.json").is_file():
-        return load_world(spec)  # built: nothing to write, so no lock (the cache may be read-only)
-    lock = cache_root() / "world" / f".{spec}.lock"
-    with _lock(lock, f"the demo world {spec!r} is not built yet"):
-        return load_world(spec)
+    if (world_dir(WorldRecipe.for_size(spec, seed)) / "stats.json").is_file():
+        return load_world(spec, seed=seed)  # built: nothing to write, so no lock (the cache may be read-only)
+    lock = cache_root() / "world" / f".{spec}-{seed}.lock"
+    with _lock(lock, f"the demo world {spec!r} (seed {seed}) is not built yet"):
+        return load_world(spec, seed=seed)
 
 
 def world_pack_paths(world) -> dict[str, Path]:
