@@ -110,9 +110,12 @@ def test_task_reward_reads_the_answer_only(world):
         assert world.task_reward(loop + end, topic) == pytest.approx(3 / 15)
         assert world.task_reward(sep.join(world.topic_vocab[topic][lang][:3]) + end, topic) == pytest.approx(3 / 6)
         assert world.task_reward("", topic) == 0.0
-    # blind to language inside the answer, like a math verifier: a switched topic word still counts
-    mixed = " ".join(world.topic_vocab[topic]["en"][:3] + world.topic_vocab[topic]["es"][:3]) + "."
-    assert world.task_reward(mixed, topic) == 1.0
+    # blind to language inside the answer, like a math verifier: a switched topic word still counts, as the
+    # concept it names, once: the i-th topic word of each language is one concept, so switching earns nothing
+    vocab = world.topic_vocab[topic]
+    assert world.task_reward(" ".join(vocab["en"][:3] + vocab["es"][3:6]) + ".", topic) == 1.0
+    assert world.task_reward(" ".join(vocab["en"][:3] + vocab["es"][:3]) + ".", topic) == pytest.approx(3 / 6)
+    assert world.task_reward(" ".join(vocab["en"][:3]) + "".join(vocab["zh"][:3]) + ".", topic) == pytest.approx(3 / 6)
     # but the world's topic judge reads one language
     assert world.topic_share(" ".join(world.topic_vocab[topic]["en"][:5]), topic, "zh") == 0.0
 
@@ -239,3 +242,66 @@ def test_world_rewards_read_the_ground_truth(world):
     assert LanguageConsistencyReward(target="en", judge="lingua").__name__ == "language_consistency_lingua"
     with pytest.raises(ValueError, match="unknown judge"):
         LanguageConsistencyReward(judge="fasttext")
+
+
+def test_loop_phrases_are_formulas_of_their_own_words():
+    lexicon = build_lexicon(WorldRecipe.for_size("test").corpus)
+    first = lexicon.loop_phrases[lexicon.topics[0]]
+    assert all(by_lang == first for by_lang in lexicon.loop_phrases.values())  # formulas every topic shares
+    for lang in ("en", "zh", "es"):
+        phrases = first[lang]
+        words = [w for phrase in phrases for w in phrase]
+        assert all(3 <= len(phrase) <= 4 for phrase in phrases)
+        assert len(words) == len(set(words))  # each formula word belongs to one phrase
+        elsewhere = set(lexicon.function[lang]) | set(lexicon.general[lang])
+        for vocab in lexicon.topic_vocab.values():
+            elsewhere |= set(vocab[lang])
+        assert not set(words) & elsewhere  # and to nothing else the world writes
+
+
+def test_sae_evaluation_matches_the_dense_reference():
+    from qscope_rl.world.sae_training import evaluate_sae
+
+    gen = torch.Generator().manual_seed(0)
+    sd = {"W_enc": torch.randn(256, 16, generator=gen), "b_enc": torch.randn(256, generator=gen) - 2.0,
+          "W_dec": torch.randn(16, 256, generator=gen) * 0.1, "b_dec": torch.randn(16, generator=gen)}
+    x = torch.randn(5000, 16, generator=gen)
+    acts = encode(x, sd, 8)
+    fvu = (x - decode(acts, sd)).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+    dead = 1 - (acts > 0).any(0).float().mean()
+    got = evaluate_sae(sd, x, 8, chunk_size=777)
+    assert got["sae_fvu"] == pytest.approx(fvu.item(), rel=1e-5)
+    assert got["sae_dead_fraction"] == pytest.approx(dead.item()) and 0 < got["sae_dead_fraction"] < 1
+
+
+def test_dead_latents_are_resampled_towards_badly_reconstructed_inputs():
+    from sparsify import SaeConfig, SparseCoder
+
+    from qscope_rl.world.sae_training import resample_dead_latents
+
+    torch.manual_seed(0)
+    sae = SparseCoder(16, SaeConfig(expansion_factor=4, k=4))
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-3)
+    x = torch.randn(512, 16)
+    sae(x).fvu.backward()
+    opt.step()
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[[3, 10, 40]] = True
+    before = sae.W_dec.detach().clone()
+    assert resample_dead_latents(sae, opt, x, dead, torch.Generator().manual_seed(0)) == 3
+    assert torch.equal(sae.W_dec[~dead], before[~dead])  # the living are untouched
+    assert not torch.allclose(sae.W_dec[dead], before[dead])
+    assert torch.allclose(sae.W_dec[dead].norm(dim=1), torch.ones(3), atol=1e-5)
+    assert torch.all(sae.encoder.bias[dead] == 0)
+    assert torch.all(opt.state[sae.W_dec]["exp_avg"][dead] == 0)
+    assert resample_dead_latents(sae, opt, x, torch.zeros(64, dtype=torch.bool), torch.Generator()) == 0
+
+
+def test_regime_checks_report_every_claim():
+    from qscope_rl.world.measure import REGIME_CLAIMS, regime_checks
+
+    checks = regime_checks({"code_switch_rate_en": 0.02, "loop_rate_en": 0.2, "sae_fvu": 0.1})
+    assert [c["key"] for c in checks] == [key for key, *_ in REGIME_CLAIMS]
+    met = {c["key"]: c["met"] for c in checks}
+    assert met["code_switch_rate_en"] and met["sae_fvu"]
+    assert not met["loop_rate_en"] and not met["sae_dead_fraction"]  # out of range, and missing

@@ -31,6 +31,11 @@ def _build(args: argparse.Namespace) -> int:
                 "lm_heldout_loss", "build_seconds"):  # fmt: skip
         value = stats.get(key)
         print(f"  {key:30s} {'n/a' if value is None else format(value, '.4g')}")
+    if "regime_checks" in stats:
+        print("the regime (claims fixed before the build; the test world is not meant to meet them):")
+        for check in stats["regime_checks"]:
+            value = "n/a" if check["measured"] is None else format(check["measured"], ".4g")
+            print(f"  {'met   ' if check['met'] else 'MISSED'} {check['claim']}: {value}")
     return 0
 
 

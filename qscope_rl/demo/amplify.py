@@ -18,7 +18,7 @@ from qscope_rl.hooks import add_to_residual
 from qscope_rl.sae.loaders import load_sae
 from qscope_rl.world.model import sample
 
-ALPHAS = (10.0, 20.0, 40.0, 80.0)
+ALPHAS = (10.0, 20.0, 40.0, 80.0, 160.0)  # times unit decoder directions; the residual norm there is about 150
 PACKS = ("repetition", "loop")
 
 

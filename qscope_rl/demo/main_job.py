@@ -75,7 +75,7 @@ class DemoSettings:
     num_generations: int = 8
     max_completion_length: int = 48
     learning_rate: float = 1e-3
-    temperature: float = 1.0
+    temperature: float | None = None  # None: the world's decoding temperature (`World.temperature`)
     eval_prompts: int = 256  # held-out English prompts
     eval_samples_per_prompt: int = 8  # 2048 samples per policy: a 1% rate is 20 events
     language_weight: float = 1.0  # (b): split evenly between the script and the lingua reward
@@ -267,6 +267,8 @@ def prepare(settings: DemoSettings, progress: bool = True) -> tuple[World, dict,
         world = World(settings.size)
     else:
         world = load_world(settings.size, settings.cache_dir, seed=settings.world_seed)
+    if settings.temperature is None:
+        settings = replace(settings, temperature=world.temperature)
     packs = {k: str(v) for k, v in world_pack_files(world).items()}
     packs["unwanted"] = merged_pack([packs[t] for t in SWITCH_TARGETS], str(world.path / "packs" / "unwanted-en.json"))
     calibration = sae_penalty_calibration(world, packs)

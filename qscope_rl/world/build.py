@@ -12,20 +12,23 @@ same machine. The world seed (`WorldRecipe.seed`, `qscope-rl world build --seed 
 the corpus, the LM, the SAE and the measurement at once, so every claim can be checked on a world
 nobody tuned on.
 
-What the world reproduces (each property measured by `_measure` and kept in stats.json):
+What the world reproduces (each property measured by `measure.measure_samples`, kept in stats.json and
+checked against claims fixed before the build, `measure.REGIME_CLAIMS` -> stats["regime_checks"]):
 1. rare failures, as in real models (Qwen-Scope's SFT baseline code-switches in 0.81% of answers): the
-   corpus switches in `switch_share` and loops in `loop_share` of documents, meant to make the model's own
-   samples do both at a few percent (`code_switch_rate_*`, `loop_rate_*`). Measured on the default world
-   (seeds 0 and 1): NOT met: English samples switch in 17-19% (the 400-step LM mixes three languages far
-   more than its corpus does) and loop in 0 of 512;
+   corpus switches in `switch_share` and loops in `loop_share` of documents; sampled at the world's decoding
+   temperature (0.7, as a deployed model's recommended sampling), the model's own samples do both at a few
+   percent (`code_switch_rate_*`, `loop_rate_*`). Two design choices make a 400-step LM's rates follow its
+   corpus: tempered decoding (at 1.0 its tail leaks a foreign word into 17-20% of samples) and loops on a
+   few formulaic phrases of their own words (per-topic phrases of topic words were never learned);
 2. a task reward indifferent to the failures, as a verifier is (see `task`): failures start after the
-   answer sentence, which is all the reward reads, so failing samples earn what clean ones do
-   (`task_reward_{clean,switch,loop}`, `failure_after_answer_share`);
+   answer sentence, which is all the reward reads, and a foreign word names a concept its own-language
+   counterpart names too, so failing samples earn what clean ones do (`task_reward_{clean,switch,loop}`,
+   `switch_after_answer_share`, `loop_after_answer_share`);
 3. a switch that script cannot see: English <-> Spanish beside English <-> Chinese, with the ground truth
    from the world's lexicon (`lexicon_judge`); how often lingua and the script judge agree with it is
    measured on the same samples (`lingua_*`, `script_*`);
-4. an SAE wide enough for the utilities (`sae_fvu`, `sae_dead_fraction`, `d_sae`); measured on the default
-   world: 4096 features, FVU 0.005, but 31-36% dead after 3 epochs (target <= 10%: not met).
+4. an SAE wide enough for the utilities (`sae_fvu`, `sae_dead_fraction`, `d_sae`): 4,096 TopK latents,
+   data-initialised with dead latents resampled (see `sae_training`).
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ from tqdm.auto import tqdm
 
 from .cache_check import WorldCacheError, check_world, remove_dead_builds
 from .corpus import CorpusSpec, build_lexicon, generate_documents
-from .measure import measure_samples
+from .measure import measure_samples, regime_checks
 from .model import LMSpec, eval_loss, make_model, pack_documents, train_lm
 from .sae_training import (
     SAESpec,
@@ -60,7 +63,7 @@ from .task import make_prompts
 from .tokenizer import train_tokenizer
 from .world import World
 
-WORLD_VERSION = "6"  # bump when the builder changes what a recipe produces
+WORLD_VERSION = "7"  # bump when the builder changes what a recipe produces
 SIZES = ("default", "test")
 
 
@@ -71,7 +74,10 @@ class EvalSpec:
     n_prompts_per_lang: int = 256
     samples_per_prompt: int = 2
     max_new_tokens: int = 48
-    temperature: float = 1.0
+    # The world's decoding temperature, as a deployed model's recommended sampling (Qwen3 non-thinking: 0.7):
+    # recorded in the model's generation_config and used by the demo's rollouts and measurements. At 1.0 the
+    # tiny LM's tail leaks a foreign word into 17-20% of its samples, ten times its corpus's switch share.
+    temperature: float = 0.7
     seed: int = 1234
 
 
@@ -113,7 +119,8 @@ class WorldRecipe:
                     steps=300,
                 ),
                 sae=SAESpec(expansion_factor=4, k=16, epochs=4),
-                eval=EvalSpec(n_prompts_per_lang=96, samples_per_prompt=1),
+                # the test world is not in the regime: it only has to show every failure mode to the tests
+                eval=EvalSpec(n_prompts_per_lang=96, samples_per_prompt=1, temperature=1.0),
             )
         else:
             raise ValueError(f"unknown world size {size!r}: choose one of {list(SIZES)}")
@@ -234,7 +241,7 @@ def _build_into(recipe: WorldRecipe, out: Path) -> dict:
     heldout_rows = pack_documents(tokenizer, [d.text for d in docs["heldout"]], recipe.lm.seq_len)
     model = make_model(recipe.lm, tokenizer)
     losses = train_lm(model, rows, recipe.lm, tokenizer.pad_token_id)
-    model.generation_config.update(do_sample=True, temperature=1.0, top_k=0, top_p=1.0)
+    model.generation_config.update(do_sample=True, temperature=recipe.eval.temperature, top_k=0, top_p=1.0)
     model.save_pretrained(out / "model")
     tokenizer.save_pretrained(out / "model")
     stage_done("lm")
@@ -291,6 +298,7 @@ def _build_into(recipe: WorldRecipe, out: Path) -> dict:
     stats["build_seconds"] = round(time.perf_counter() - t0, 2)
     # CPU time of the build's threads: on a busy machine, a better measure than wall time of what it costs
     stats["build_cpu_seconds"] = round(time.process_time() - cpu0, 2)
+    stats["regime_checks"] = regime_checks(stats)
     stages.update()
     stages.close()
     (out / "recipe.json").write_text(json.dumps(asdict(recipe), indent=2) + "\n")

@@ -27,6 +27,7 @@ TOPIC_NAMES = (
     "iota", "kappa", "lambda", "mu", "nu", "xi", "omicron", "pi",
 )  # fmt: skip
 END_MARK = {"en": ".", "zh": "。", "es": "."}
+_FORMULA_WORDS = (2, 3)  # words after a loop phrase's opener
 ANSWER_SENTENCE = 1  # the sentence after the prompt: the task's answer; failures start after it
 # wordfreq ranks what people write online; keep the demo corpus free of the commonest profanity
 _BLOCKLIST = {"shit", "damn", "fuck", "fucking", "fucked", "hell", "ass", "bitch", "sex", "porn", "dick"}
@@ -42,13 +43,15 @@ class CorpusSpec:
     words_per_topic: int = 24  # per language
     general_words: int = 30  # topic-neutral content words per language (names included)
     function_words: int = 20  # per language: the most frequent words of wordfreq's list
-    loop_phrases_per_topic: int = 2  # per language
+    loop_phrases: int = 2  # per language, shared by every topic (formulas, as "I'm sorry, I'm sorry" is)
     n_train_docs: int = 9000
     n_heldout_docs: int = 900
     n_prompts: int = 256  # per split and language
-    # Rare failures, as in real models: the LM's own samples then switch and loop at a few percent
-    switch_share: float = 0.04  # documents that switch language mid-sentence (to either other language)
-    loop_share: float = 0.05  # documents that fall into a loop (exclusive with switching)
+    # Rare failures, as in real models: at the world's decoding temperature (0.7) the LM's own samples then
+    # switch and loop at a few percent (design runs on world seed 0, T = 0.7: loop shares 0.05 / 0.08 gave
+    # 1.2% / 2.3% looping samples; switch shares 0.04-0.05 gave 0.6-4% switching ones)
+    switch_share: float = 0.05  # documents that switch language mid-sentence (to either other language)
+    loop_share: float = 0.08  # documents that fall into a loop (exclusive with switching)
     topic_share: float = 0.75  # share of content slots filled with the topic's own words
     content_share: float = 0.5  # share of word slots that are content words (rest: function words)
     sentences: tuple[int, int] = (3, 4)
@@ -141,9 +144,10 @@ def build_lexicon(spec: CorpusSpec) -> Lexicon:
 
     rng = random.Random(spec.seed)
     topics = list(TOPIC_NAMES[: spec.n_topics])
-    n_openers = spec.n_topics * spec.loop_phrases_per_topic
-    n_content = spec.n_topics * spec.words_per_topic + spec.general_words + n_openers
-    function, general, per_topic, openers = {}, {}, {}, {}
+    n_openers = spec.loop_phrases
+    n_formula = n_openers * _FORMULA_WORDS[1]  # the words of the loop phrases after their openers
+    n_content = spec.n_topics * spec.words_per_topic + spec.general_words + n_openers + n_formula
+    function, general, per_topic, openers, formula = {}, {}, {}, {}, {}
     ranked = {lang: [w for w in top_n_list(lang, 20_000) if _WORD_RE[lang].fullmatch(w) and w not in _BLOCKLIST]
               for lang in LANGS}
     # a word written the same in English and Spanish ("no", "real", "hospital") belongs to neither language
@@ -164,23 +168,21 @@ def build_lexicon(spec: CorpusSpec) -> Lexicon:
         lang_names = [w for w in names[lang] if w not in shared and w not in pool and w not in function[lang]]
         general[lang] = sorted(pool[: spec.general_words - len(lang_names)] + lang_names)
         openers[lang] = pool[spec.general_words : spec.general_words + n_openers]
-        rest = pool[spec.general_words + n_openers :]
+        formula[lang] = pool[spec.general_words + n_openers : spec.general_words + n_openers + n_formula]
+        rest = pool[spec.general_words + n_openers + n_formula :]
         per_topic[lang] = [rest[i :: spec.n_topics] for i in range(spec.n_topics)]
 
     topic_vocab = {t: {lang: per_topic[lang][i] for lang in LANGS} for i, t in enumerate(topics)}
     lexicon = Lexicon(topics, function, general, topic_vocab, loop_phrases={})
-    # Loop phrases: a filler word used nowhere else, then 2-3 topic words. A tiny LM learns such
-    # formulaic loops without induction heads (real LMs also loop most on formulaic phrases), and the
-    # distinct opener makes the model's loop rate follow the corpus share.
-    for i, t in enumerate(topics):
-        lexicon.loop_phrases[t] = {
-            lang: [
-                [openers[lang][i * spec.loop_phrases_per_topic + j]]
-                + _draw_words(lexicon, t, lang, rng, rng.randint(2, 3), 0.6, 1.0)
-                for j in range(spec.loop_phrases_per_topic)
-            ]
-            for lang in LANGS
-        }
+    # Loop phrases: a few formulas per language, shared by every topic, of 3-4 words used nowhere else (an
+    # opener, then 2-3 formula words). Each word of a formula predicts the next one, so a tiny LM learns to
+    # run the loop from bigrams, without the induction heads a 400-step model does not form (with topic and
+    # function words in per-topic phrases, v2's LM never looped at a 5-15% corpus share); real LMs too loop
+    # most on a few formulaic phrases. Only the opener is a choice, so the loop rate follows how often the
+    # corpus starts one.
+    phrases = {lang: [[openers[lang][n], *formula[lang][n * _FORMULA_WORDS[1] :][: rng.randint(*_FORMULA_WORDS)]]
+                      for n in range(spec.loop_phrases)] for lang in LANGS}
+    lexicon.loop_phrases = {t: {lang: [list(p) for p in phrases[lang]] for lang in LANGS} for t in topics}
     return lexicon
 
 

@@ -90,3 +90,30 @@ def regime_rates(judged: list[dict]) -> dict:
     rates["switch_after_answer_share"] = 1 - _rate(switched, "switch_in_answer") if switched else None
     rates["loop_after_answer_share"] = _rate(looped, "loop_after_answer") if looped else None
     return rates
+
+
+# The regime the default world is built to reproduce (issue 16), fixed before it was measured. Each claim is
+# (key in stats, low, high); `regime_checks` reports every one, met or not. The test world is not meant to
+# meet them (it only has to show every failure mode to the tests).
+REGIME_CLAIMS = (
+    ("code_switch_rate_en", 0.01, 0.05, "rare code-switching: the untrained policy's English samples switch at 1-5%"),
+    ("loop_rate_en", 0.01, 0.05, "rare loops: its English samples loop at 1-5%"),
+    ("switch_after_answer_share", 0.5, 1.0, "most switches come after the answer sentence the task reward reads"),
+    ("loop_after_answer_share", 0.8, 1.0, "loops come after the answer sentence"),
+    ("script_recall_en_to_es", 0.0, 0.0, "the script judge cannot see an English -> Spanish switch"),
+    ("lingua_false_positive_rate_en", 0.001, 1.0, "lingua is fallible on clean English samples"),
+    ("d_sae", 4096, float("inf"), "an SAE of at least 4,096 features"),
+    ("sae_fvu", 0.0, 0.15, "SAE FVU <= 0.15"),
+    ("sae_dead_fraction", 0.0, 0.10, "SAE dead latents <= 10%"),
+    ("build_cpu_seconds", 0.0, 600.0, "builds in <= 5 minutes on 2 cores (<= 600 CPU-seconds)"),
+)
+
+
+def regime_checks(stats: dict) -> list[dict]:
+    """Every regime claim against the world's stats: {key, claim, measured, low, high, met}."""
+    out = []
+    for key, low, high, claim in REGIME_CLAIMS:
+        value = stats.get(key)
+        met = value is not None and low <= value <= high
+        out.append({"key": key, "claim": claim, "measured": value, "low": low, "high": high, "met": met})
+    return out

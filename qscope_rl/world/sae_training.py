@@ -6,7 +6,9 @@ which re-runs the LM for every batch: on CPU that bought only ~200 steps and lef
 What we keep from sparsify / Gao et al. 2024: TopK, `b_dec` initialised to the data mean, unit-norm
 decoder rows with the parallel gradient removed, and the AuxK loss (alpha 1/32, as in Qwen-Scope) on
 latents that have not fired for `dead_feature_threshold` tokens. Differences: Adam with warmup and
-linear decay to zero (not Signum + schedule-free), and many epochs over a small cached set of tokens.
+linear decay to zero (not Signum + schedule-free), a few epochs over a small cached set of tokens, latents
+initialised at random training tokens' directions, and dead latents resampled at each epoch's end (Bricken
+et al. 2023): on a world of a few thousand word types, AuxK alone left a third of 4,096 latents dead.
 
 The trained `SparseCoder` is converted to the Qwen-Scope native layout:
 
@@ -45,6 +47,13 @@ class SAESpec:
     warmup_steps: int = 50
     auxk_alpha: float = 1 / 32  # Gao et al. 2024, as in Qwen-Scope
     dead_feature_threshold: int = 10_000  # tokens without firing before AuxK revives a latent
+    # Bricken et al. 2023: at the end of each epoch but the last, latents that did not fire in it are
+    # re-initialised towards the inputs the SAE reconstructs worst. On a small world (a few thousand word
+    # types, a quarter-million tokens) AuxK alone left 31-43% of 4,096 latents dead.
+    resample_dead: bool = True
+    # latents start at the directions of random training tokens (encoder = decoder, as sparsify's init): with
+    # resampling, the design run on world seed 0 left 0.0% dead at FVU 0.03 (random init + AuxK: 43% dead)
+    data_init: bool = True
     seed: int = 0
 
 
@@ -63,11 +72,17 @@ def train_sae(x: torch.Tensor, spec: SAESpec):
     torch.manual_seed(spec.seed)
     sae = SparseCoder(x.shape[1], SaeConfig(expansion_factor=spec.expansion_factor, k=spec.k))
     sae.b_dec.data = x.mean(0)  # centres the pre-activations at init, as sparsify's Trainer does
+    if spec.data_init:
+        picks = torch.randperm(len(x), generator=torch.Generator().manual_seed(spec.seed))[: sae.num_latents]
+        directions = torch.nn.functional.normalize(x[picks] - sae.b_dec.data, dim=1)
+        sae.W_dec.data[: len(picks)] = directions
+        sae.encoder.weight.data[: len(picks)] = directions * sae.encoder.weight.data.norm(dim=1).mean()
     opt = torch.optim.Adam(sae.parameters(), lr=spec.lr)
     gen = torch.Generator().manual_seed(spec.seed)
     steps_per_epoch = len(x) // spec.batch_size  # drop the ragged last batch
     total = spec.epochs * steps_per_epoch
     tokens_since_fired = torch.zeros(sae.num_latents, dtype=torch.long)
+    fired_this_epoch = torch.zeros(sae.num_latents, dtype=torch.bool)
     bar = tqdm(total=total, desc="world: train SAE", leave=False)
     for step in range(total):
         if step % steps_per_epoch == 0:
@@ -84,11 +99,42 @@ def train_sae(x: torch.Tensor, spec: SAESpec):
         sae.set_decoder_norm_to_unit_norm()
         tokens_since_fired += spec.batch_size
         tokens_since_fired[out.latent_indices[out.latent_acts > 0]] = 0
+        fired_this_epoch[out.latent_indices[out.latent_acts > 0]] = True
+        if (step + 1) % steps_per_epoch == 0:  # an epoch ends
+            if spec.resample_dead and step + 1 < total:
+                resample_dead_latents(sae, opt, x, ~fired_this_epoch, gen)
+            fired_this_epoch.zero_()
         bar.update()
         if step % 100 == 0:
             bar.set_postfix(fvu=f"{out.fvu.item():.3f}", dead=int(dead_mask.sum()))
     bar.close()
     return sae.eval()
+
+
+@torch.no_grad()
+def resample_dead_latents(sae, opt: torch.optim.Optimizer, x: torch.Tensor, dead: torch.Tensor,
+                          gen: torch.Generator, n_candidates: int = 16_384) -> int:
+    """Point each dead latent at an input the SAE reconstructs badly (drawn with probability proportional to
+    its squared error, Bricken et al. 2023): decoder row = that input's unit error direction, encoder row =
+    the same direction at 0.2x the mean alive encoder norm, bias 0, and its Adam state cleared. Returns the
+    number resampled."""
+    idx = dead.nonzero().squeeze(1)
+    if len(idx) == 0:
+        return 0
+    pool = x[torch.randperm(len(x), generator=gen)[:n_candidates]]
+    err = pool - sae(pool).sae_out
+    weights = err.pow(2).sum(1)
+    picks = torch.multinomial(weights / weights.sum(), len(idx), replacement=len(idx) > len(pool), generator=gen)
+    directions = torch.nn.functional.normalize(err[picks], dim=1)
+    alive_norm = sae.encoder.weight[~dead].norm(dim=1).mean() if (~dead).any() else torch.tensor(1.0)
+    sae.W_dec.data[idx] = directions
+    sae.encoder.weight.data[idx] = directions * 0.2 * alive_norm
+    sae.encoder.bias.data[idx] = 0.0
+    for param, rows in ((sae.W_dec, idx), (sae.encoder.weight, idx), (sae.encoder.bias, idx)):
+        for buf in opt.state.get(param, {}).values():
+            if torch.is_tensor(buf) and buf.dim() > 0:
+                buf[rows] = 0.0
+    return len(idx)
 
 
 def to_qwen_scope(sae) -> dict[str, torch.Tensor]:
@@ -133,12 +179,22 @@ def residual_activations(model: Qwen3ForCausalLM, rows: torch.Tensor, layer: int
 
 
 @torch.no_grad()
-def evaluate_sae(sd: dict[str, torch.Tensor], x: torch.Tensor, k: int) -> dict[str, float]:
-    """FVU (fraction of variance unexplained) and the share of latents that never fire on x."""
-    acts = encode(x, sd, k)
-    fvu = (x - decode(acts, sd)).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
-    fired = (acts > 0).any(0)
-    return {"sae_fvu": fvu.item(), "sae_dead_fraction": 1 - fired.float().mean().item()}
+def evaluate_sae(sd: dict[str, torch.Tensor], x: torch.Tensor, k: int, chunk_size: int = 8192) -> dict[str, float]:
+    """FVU (fraction of variance unexplained) and the share of latents that never fire on x.
+
+    Chunked and sparse (top-k indices and values, never the dense (N, d_sae) codes): the same numbers as
+    `decode(encode(x))` at a fraction of the memory."""
+    fired = torch.zeros(sd["W_enc"].shape[0], dtype=torch.bool)
+    dictionary = sd["W_dec"].T  # (d_sae, d_in)
+    err = 0.0
+    for chunk in x.split(chunk_size):
+        top = (chunk @ sd["W_enc"].T + sd["b_enc"]).topk(k, dim=-1)
+        values = top.values.relu()
+        fired[top.indices[values > 0]] = True
+        recon = torch.einsum("nk,nkd->nd", values, dictionary[top.indices]) + sd["b_dec"]
+        err += (chunk - recon).pow(2).sum().item()
+    fvu = err / (x - x.mean(0)).pow(2).sum().item()
+    return {"sae_fvu": fvu, "sae_dead_fraction": 1 - fired.float().mean().item()}
 
 
 def save_qwen_scope(sd: dict[str, torch.Tensor], folder: Path, layer: int) -> Path:

@@ -2,15 +2,17 @@
 
 A prompt is a clean document opening (one sentence) about topic T in one language. The completion's
 answer is its first sentence (up to the first end mark, like a math answer up to its final `\\boxed{}`);
-the reward is the number of DISTINCT words of topic T's vocabulary per word of that answer, judged by
+the reward is the number of DISTINCT concepts of topic T's vocabulary per word of that answer, judged by
 the world's ground truth (the lexicon), so it needs no model. A completion that never finishes its
 answer sentence earns 0 (no answer), as a verifier fails a solution with no final answer.
 
 How this mirrors the real case (and why the failures survive the task reward alone):
 - like a math verifier it reads the answer only: whatever comes after the answer sentence (where the
   corpus puts every switch and every loop) is invisible to it, as a loop after `\\boxed{}` still passes;
-- like DeepSeek-R1-Zero's accuracy reward it is blind to language: a topic word counts in any language,
-  so a switch inside the answer is neither punished nor rewarded (the task never asks for one language);
+- like DeepSeek-R1-Zero's accuracy reward it is blind to language: a topic concept counts in any language,
+  and once (the i-th topic word of each language is one concept, `concept_map`), so a switch inside the
+  answer is neither punished nor rewarded: a foreign word adds no concept its own-language counterpart would
+  not (the task never asks for one language);
 - no failure is ever rewarded: a loop or a switch adds nothing the reward reads. A loop that starts
   before the answer ends (as an amplified rollout's does) leaves no answer and earns 0, as in Qwen-Scope's
   setting, where a rollout that repeats before answering fails the verifier.
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 from .corpus import LANGS, CorpusSpec, Lexicon, first_sentence
@@ -81,14 +84,23 @@ def answer_of(completion: str) -> str | None:
     return None if match is None else completion[: match.end()]
 
 
-def topic_reward(completion: str, topic_words: set[str], zh_words: set[str], min_words: int = MIN_WORDS) -> float:
-    """Distinct words of `topic_words` per word of the completion's answer (its first sentence), in [0, 1].
+def topic_reward(completion: str, topic_words: Mapping[str, Hashable] | set[str], zh_words: set[str],
+                 min_words: int = MIN_WORDS) -> float:
+    """Distinct topic concepts per word of the completion's answer (its first sentence), in [0, 1].
 
-    0 when the completion has no complete answer sentence. The count of words is at least `min_words`,
-    so a policy cannot raise its reward by saying less.
+    ``topic_words`` maps each topic word (in any language) to its concept: the i-th word of a topic in every
+    language is the same concept (`concept_map`), so a word and its counterpart in another language count
+    once. A plain set makes every word its own concept. 0 when the completion has no complete answer
+    sentence. The count of words is at least `min_words`, so a policy cannot raise its reward by saying less.
     """
     answer = answer_of(completion)
     if answer is None:
         return 0.0
+    concepts = topic_words if isinstance(topic_words, Mapping) else {w: w for w in topic_words}
     words = segment(answer, zh_words)
-    return len({w for w in words if w in topic_words}) / max(len(words), min_words)
+    return len({concepts[w] for w in words if w in concepts}) / max(len(words), min_words)
+
+
+def concept_map(vocab_by_lang: Mapping[str, Sequence[str]]) -> dict[str, int]:
+    """Word -> concept of one topic's vocabulary: the i-th word in each language is concept i."""
+    return {word: i for words in vocab_by_lang.values() for i, word in enumerate(words)}

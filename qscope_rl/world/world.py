@@ -12,7 +12,7 @@ from transformers import PreTrainedTokenizerFast, Qwen3ForCausalLM
 from .corpus import LANGS, CorpusSpec, Document, Lexicon
 from .lexicon_judge import LexiconJudge
 from .model import sample as _sample
-from .task import Prompt, topic_reward, topic_word_share
+from .task import Prompt, concept_map, topic_reward, topic_word_share
 
 SPLITS = ("train", "heldout")
 
@@ -73,6 +73,11 @@ class World:
         return self.path / self.stats["sae_folder"]
 
     @property
+    def temperature(self) -> float:
+        """The world's decoding temperature (its recipe's `eval.temperature`; 1.0 for worlds built before it)."""
+        return float(self.recipe.get("eval", {}).get("temperature", 1.0))
+
+    @property
     def layer(self) -> int:
         return int(self.stats["layer"])
 
@@ -102,8 +107,9 @@ class World:
         return [Prompt(**r) for r in rows if lang is None or r["lang"] == lang]
 
     def task_reward(self, completion: str, topic: str) -> float:
-        """The RL task's reward: distinct words of topic `topic`, in either language, per completion word."""
-        return topic_reward(completion, self._topic_words_any_language[topic], self._zh_words)
+        """The RL task's reward: distinct concepts of topic `topic` (in any language, each once) per word of the
+        completion's answer sentence (see `qscope_rl.world.task`)."""
+        return topic_reward(completion, self._topic_concepts[topic], self._zh_words)
 
     @cached_property
     def judge(self) -> LexiconJudge:
@@ -122,11 +128,13 @@ class World:
         self,
         prompts: list[str],
         max_new_tokens: int = 48,
-        temperature: float = 1.0,
+        temperature: float | None = None,
         seed: int = 0,
         batch_size: int = 64,
     ) -> list[str]:
-        """Completions (only) of `prompts`, by batched HF generate with left padding."""
+        """Completions (only) of `prompts`, by batched HF generate with left padding, at `temperature` (default:
+        the world's decoding temperature)."""
+        temperature = self.temperature if temperature is None else temperature
         return _sample(self.model, self.tokenizer, prompts, max_new_tokens, temperature, seed, batch_size)
 
     @cached_property
@@ -134,8 +142,8 @@ class World:
         return {t: {lang: set(words) for lang, words in v.items()} for t, v in self.topic_vocab.items()}
 
     @cached_property
-    def _topic_words_any_language(self) -> dict[str, set[str]]:
-        return {t: set().union(*by_lang.values()) for t, by_lang in self._topic_sets.items()}
+    def _topic_concepts(self) -> dict[str, dict[str, int]]:
+        return {t: concept_map(by_lang) for t, by_lang in self.topic_vocab.items()}
 
     @cached_property
     def _zh_words(self) -> set[str]:
