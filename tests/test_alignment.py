@@ -114,7 +114,11 @@ def build(world, pack_files, tmp_path, monkeypatch, kind, overrides, setup, capt
         model.generation_config.use_cache = False  # a checkpoint saved that way
     if setup.get("second_eos"):  # like Qwen3 instruct's <|im_end|> beside <|endoftext|>: TRL stops on both
         model.generation_config.eos_token_id = [world.tokenizer.eos_token_id, frequent_token(world)]
-    prompts = [p.text for p in world.prompts("train", lang="en")[:4]]
+    # four prompts of four token lengths: the batch is left-padded unevenly, as real batches are
+    by_length = {}
+    for p in world.prompts("train", lang="en"):
+        by_length.setdefault(len(world.tokenizer(p.text)["input_ids"]), p.text)
+    prompts = list(by_length.values())[:4]
     extra, tokenizer = {}, world.tokenizer
     if setup.get("peft"):
         extra["peft_config"] = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])

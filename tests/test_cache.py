@@ -49,7 +49,7 @@ def test_a_cache_that_cannot_be_written_is_a_clear_error_only_where_a_write_is_n
 
     (tmp_path / "blocker").write_text("a file where the cache folder should be")
     monkeypatch.setenv("QSCOPE_RL_CACHE", str(tmp_path / "blocker" / "cache"))
-    with pytest.raises(RecipeError, match="demo world 'test' is not built yet, and .* cannot be written"):
+    with pytest.raises(RecipeError, match=r"demo world 'test' \(seed 0\) is not built yet, and .* cannot be written"):
         parse_recipe(str(ROOT / "recipes" / "grpo_code_switch.yaml"), ["--demo_world", "test"], dry_run=True)
 
 

@@ -88,10 +88,11 @@ def test_macro_f1():
 def test_world_topics(world, tmp_path):
     sae = load_sae(world.sae_dir, layer=world.layer)
     rng = random.Random(0)
-    docs = world.documents("train")
+    # one language: a topic is a vocabulary per language, and 8 examples over three languages are 2-3 per language
+    docs = [d for d in world.documents("train") if d.lang == "en"]
     topics = world.topics[:3]
     pool = [d for t in topics for d in rng.sample([d for d in docs if d.topic == t], 8)]
-    test = [d for d in world.documents("heldout") if d.topic in topics][:60]
+    test = [d for d in world.documents("heldout") if d.topic in topics and d.lang == "en"][:60]
     with pytest.raises(ValueError, match="empty"):
         fit_classifier(world.model, world.tokenizer, sae, [], [])
     clf = fit_classifier(world.model, world.tokenizer, sae, [d.text for d in pool], [d.topic for d in pool],

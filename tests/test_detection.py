@@ -211,11 +211,18 @@ def language_packs(world):
     return sae, discover_language_features(world.model, world.tokenizer, sae, by_lang, top_k=8, batch_size=32)
 
 
-def encode_texts(world, sae, texts, tracked):
+def encode_texts(world, sae, texts, tracked, skip_opening=False):
+    """Encode documents; with `skip_opening`, only the tokens after the first sentence (what a prompt shows),
+    as a detector sees completions: the first tokens of a context-free document are no completion's."""
     enc = world.tokenizer(texts, return_tensors="pt", padding=True, padding_side="right")
     with torch.no_grad(), capture_residual(world.model, world.layer) as cap:
         world.model(**enc)
-    return enc, encode_completions(sae, cap.last, enc["attention_mask"].bool(), tracked_ids=tracked)
+    mask = enc["attention_mask"].bool()
+    if skip_opening:
+        for row, text in enumerate(texts):
+            opening = min(i for i in (text.find("."), text.find("\u3002")) if i >= 0) + 1
+            mask[row, : len(world.tokenizer(text[:opening])["input_ids"])] = False
+    return enc, encode_completions(sae, cap.last, mask, tracked_ids=tracked)
 
 
 def test_world_switch_onset_pre_not_later_than_activation(world, language_packs):
@@ -225,12 +232,12 @@ def test_world_switch_onset_pre_not_later_than_activation(world, language_packs)
     tracked = torch.cat([packs["en"].ids, packs["zh"].ids])
     clean = [d.text for d in world.documents("train") if d.lang == "en" and d.switch_char is None
              and d.loop_char is None][:100]
-    _, clean_acts = encode_texts(world, sae, clean, tracked)
+    _, clean_acts = encode_texts(world, sae, clean, tracked, skip_opening=True)
     threshold = calibrate_threshold(clean_acts, packs["zh"], quantile=0.999)  # on training text only
     # English documents switched into Chinese (the zh pack's language; switches into Spanish are other features),
     # from the training split: the held-out one of the test world holds only a handful
     docs = [d for d in world.documents("train") if d.switch_lang == "zh" and d.lang == "en"][:24]
-    enc, acts = encode_texts(world, sae, [d.text for d in docs], tracked)
+    enc, acts = encode_texts(world, sae, [d.text for d in docs], tracked, skip_opening=True)
     act = code_switch_scores(acts, packs["zh"], threshold=threshold)
     pre = code_switch_scores(acts, packs["zh"], use_pre=True, threshold=threshold)
     fired = act.onset >= 0

@@ -8,7 +8,7 @@ import torch
 
 from qscope_rl import judges
 from qscope_rl.world import WorldRecipe, build_world, load_world
-from qscope_rl.world.corpus import build_lexicon, generate_documents
+from qscope_rl.world.corpus import ANSWER_MARK, build_lexicon, generate_documents
 from qscope_rl.world.sae_training import decode, encode
 from qscope_rl.world.task import answer_of
 
@@ -51,9 +51,9 @@ def test_corpus_labels_are_consistent(world):
         assert all(a[1] == b[0] for a, b in zip(d.spans, d.spans[1:]))  # contiguous cover
         assert d.kind == ("switch" if d.switch_char is not None else "loop" if d.loop_char is not None else "normal")
         # failures start after the answer sentence, the only part the task reward reads
-        prompt = answer_of(d.text)  # sentence 0: what a prompt shows
-        assert answer_of(d.text[len(prompt) :]) == d.text[len(prompt) : d.answer_end]  # sentence 1: the answer
         answer = d.text[: d.answer_end]
+        assert answer_of(d.text) == answer and answer.endswith(ANSWER_MARK)  # sentences 0 and 1, then the mark
+        assert answer.count(ANSWER_MARK) == 1 == d.text.count(ANSWER_MARK)
         assert not world.code_switch(answer, d.lang) and not judges.has_loop(answer)
         if d.switch_char is not None:
             assert d.switch_char >= d.answer_end
@@ -93,10 +93,14 @@ def test_english_and_spanish_lexicons_are_disjoint(world):
 def test_task_reward_reads_the_answer_only(world):
     topic, other = world.topics[0], world.topics[1]
     rng = random.Random(0)
-    for lang, sep, end in (("en", " ", "."), ("zh", "", "。"), ("es", " ", ".")):
+    end = ANSWER_MARK
+    for lang, sep, stop in (("en", " ", "."), ("zh", "", "。"), ("es", " ", ".")):
         on = sep.join(rng.sample(world.topic_vocab[topic][lang], k=6)) + end
         off = sep.join(rng.sample(world.topic_vocab[other][lang], k=6)) + end
         assert world.task_reward(" " + on, topic) == 1.0 == world.topic_share(on, topic, lang)
+        # the answer is what comes before the answer mark, not the first sentence: an end mark does not end it
+        assert world.task_reward(on.replace(end, stop + sep + on), topic) == pytest.approx(6 / 12)
+        assert world.task_reward(on.replace(end, stop), topic) == 0.0  # no answer mark, no answer
         assert world.task_reward(off, topic) < 0.5
         # a verifier: whatever follows the answer is invisible, a loop or a switch included
         loop = sep.join(world.topic_vocab[topic][lang][:3] * 5)
@@ -113,9 +117,9 @@ def test_task_reward_reads_the_answer_only(world):
     # blind to language inside the answer, like a math verifier: a switched topic word still counts, as the
     # concept it names, once: the i-th topic word of each language is one concept, so switching earns nothing
     vocab = world.topic_vocab[topic]
-    assert world.task_reward(" ".join(vocab["en"][:3] + vocab["es"][3:6]) + ".", topic) == 1.0
-    assert world.task_reward(" ".join(vocab["en"][:3] + vocab["es"][:3]) + ".", topic) == pytest.approx(3 / 6)
-    assert world.task_reward(" ".join(vocab["en"][:3]) + "".join(vocab["zh"][:3]) + ".", topic) == pytest.approx(3 / 6)
+    assert world.task_reward(" ".join(vocab["en"][:3] + vocab["es"][3:6]) + end, topic) == 1.0
+    assert world.task_reward(" ".join(vocab["en"][:3] + vocab["es"][:3]) + end, topic) == pytest.approx(3 / 6)
+    assert world.task_reward(" ".join(vocab["en"][:3]) + "".join(vocab["zh"][:3]) + end, topic) == pytest.approx(3 / 6)
     # but the world's topic judge reads one language
     assert world.topic_share(" ".join(world.topic_vocab[topic]["en"][:5]), topic, "zh") == 0.0
 

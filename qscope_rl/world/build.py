@@ -21,9 +21,11 @@ checked against claims fixed before the build, `measure.REGIME_CLAIMS` -> stats[
    corpus: tempered decoding (at 1.0 its tail leaks a foreign word into 17-20% of samples) and loops on a
    few formulaic phrases of their own words (per-topic phrases of topic words were never learned);
 2. a task reward indifferent to the failures, as a verifier is (see `task`): failures start after the
-   answer sentence, which is all the reward reads, and a foreign word names a concept its own-language
-   counterpart names too, so failing samples earn what clean ones do (`task_reward_{clean,switch,loop}`,
-   `switch_after_answer_share`, `loop_after_answer_share`);
+   answer sentence, which ends with its own mark (∎, as a math answer ends in `\\boxed{}`) and is all the
+   reward reads, and a foreign word names a concept its own-language counterpart names too
+   (`task_reward_{clean,switch,loop}`, `switch_after_answer_share`, `loop_after_answer_share`). Without
+   the mark a third of the LM's loops started inside the answer (where they earn 0), and the task reward
+   alone removed loops;
 3. a switch that script cannot see: English <-> Spanish beside English <-> Chinese, with the ground truth
    from the world's lexicon (`lexicon_judge`); how often lingua and the script judge agree with it is
    measured on the same samples (`lingua_*`, `script_*`);
@@ -63,7 +65,7 @@ from .task import make_prompts
 from .tokenizer import train_tokenizer
 from .world import World
 
-WORLD_VERSION = "7"  # bump when the builder changes what a recipe produces
+WORLD_VERSION = "8"  # bump when the builder changes what a recipe produces
 SIZES = ("default", "test")
 
 
@@ -118,7 +120,9 @@ class WorldRecipe:
                     batch_size=16,
                     steps=300,
                 ),
-                sae=SAESpec(expansion_factor=4, k=16, epochs=4),
+                # sparsify's random init: data-initialised, this 384-latent SAE's language features were
+                # token-specific (the zh pack flagged 29% of switched documents; 96% on the default world)
+                sae=SAESpec(expansion_factor=4, k=16, epochs=4, data_init=False),
                 # the test world is not in the regime: it only has to show every failure mode to the tests
                 eval=EvalSpec(n_prompts_per_lang=96, samples_per_prompt=1, temperature=1.0),
             )

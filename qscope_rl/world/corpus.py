@@ -8,11 +8,12 @@ Vocabulary comes from packages that ship real word lists, so nothing is download
 Content words are dealt out to topics at random, so a topic is a vocabulary cluster in each language
 (synthetic, but statistically real: topic-T documents draw mostly on topic-T words). Documents are a
 few sentences in one language: sentence 0 is what a prompt shows, sentence 1 is the "answer" the task
-reward reads (see `task`), and the failures start later, in sentence 2 or after, as in the real case
-(a model that has answered goes on and drifts). A small known share switch language mid-sentence (a
-burst of the topic's words in one of the other two languages, then back: English <-> Chinese is visible
-to a Unicode-script judge, English <-> Spanish is not), and a small known share fall into a repetition
-loop (a short phrase repeated to the end, as a looping LM does until it hits its length limit).
+reward reads (see `task`; it ends with the answer mark ∎ instead of a full stop), and the failures start
+later, in sentence 2 or after, as in the real case (a model that has answered goes on and drifts). A
+small known share switch language mid-sentence (a burst of the topic's words in one of the other two
+languages, then back: English <-> Chinese is visible to a Unicode-script judge, English <-> Spanish is
+not), and a small known share fall into a repetition loop (a formulaic phrase repeated to the end, as a
+looping LM does until it hits its length limit).
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ TOPIC_NAMES = (
     "iota", "kappa", "lambda", "mu", "nu", "xi", "omicron", "pi",
 )  # fmt: skip
 END_MARK = {"en": ".", "zh": "。", "es": "."}
+# The answer sentence ends with its own mark, in every language, as a math answer ends in \boxed{}: what follows
+# it is the part of a completion the task reward never reads, and the LM can see where that part begins.
+ANSWER_MARK = "\u220e"  # ∎
 _FORMULA_WORDS = (2, 3)  # words after a loop phrase's opener
 ANSWER_SENTENCE = 1  # the sentence after the prompt: the task's answer; failures start after it
 # wordfreq ranks what people write online; keep the demo corpus free of the commonest profanity
@@ -214,7 +218,7 @@ def _render(words: list[tuple[str, str]]) -> tuple[str, list[tuple[int, int, str
     """
     text, spans, starts = "", [], []
     for i, (word, lang) in enumerate(words):
-        if i and not (lang == "zh" and words[i - 1][1] == "zh") and word not in END_MARK.values():
+        if i and not (lang == "zh" and words[i - 1][1] == "zh") and word not in (*END_MARK.values(), ANSWER_MARK):
             text += " "
         if not spans or spans[-1][2] != lang:
             if spans:
@@ -258,7 +262,7 @@ def make_document(lexicon: Lexicon, spec: CorpusSpec, topic: str, lang: str, kin
             words.append((word, lang))
         if loop_index is not None:
             break
-        words.append((END_MARK[lang], lang))
+        words.append((ANSWER_MARK if i == ANSWER_SENTENCE else END_MARK[lang], lang))
         if i == ANSWER_SENTENCE:
             answer_index = len(words) - 1
     text, spans, starts = _render(words)
@@ -270,7 +274,7 @@ def make_document(lexicon: Lexicon, spec: CorpusSpec, topic: str, lang: str, kin
         kind=kind,
         switch_lang=None if foreign is None else foreign[2],
         switch_end=None if foreign is None else foreign[1],
-        answer_end=starts[answer_index] + len(END_MARK[lang]),
+        answer_end=starts[answer_index] + len(ANSWER_MARK),
     )  # fmt: skip
 
 

@@ -1,7 +1,8 @@
 """The world's verifiable RL task: "continue on topic T, and answer in one sentence".
 
 A prompt is a clean document opening (one sentence) about topic T in one language. The completion's
-answer is its first sentence (up to the first end mark, like a math answer up to its final `\\boxed{}`);
+answer is its first sentence, which ends with the answer mark ∎ (`corpus.ANSWER_MARK`) in every language, as a
+math answer ends in its final `\\boxed{}`;
 the reward is the number of DISTINCT concepts of topic T's vocabulary per word of that answer, judged by
 the world's ground truth (the lexicon), so it needs no model. A completion that never finishes its
 answer sentence earns 0 (no answer), as a verifier fails a solution with no final answer.
@@ -26,7 +27,7 @@ import re
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
-from .corpus import LANGS, CorpusSpec, Lexicon, first_sentence
+from .corpus import ANSWER_MARK, LANGS, CorpusSpec, Lexicon, first_sentence
 
 _WORD_OR_HAN_RUN = re.compile("[A-Za-z\u00c0-\u024f']+|[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]+")
 
@@ -75,13 +76,10 @@ def topic_word_share(completion: str, topic_words: set[str], zh_words: set[str])
 
 
 MIN_WORDS = 6  # about the length of a clean answer sentence: shorter ones are scored as if this long
-_END_MARK_RE = re.compile("[.\u3002]")
-
-
 def answer_of(completion: str) -> str | None:
-    """The completion's answer: its text up to and including the first end mark ("." or "。"); None if none."""
-    match = _END_MARK_RE.search(completion)
-    return None if match is None else completion[: match.end()]
+    """The completion's answer: its text up to and including the first answer mark (∎); None if none."""
+    end = completion.find(ANSWER_MARK)
+    return None if end < 0 else completion[: end + len(ANSWER_MARK)]
 
 
 def topic_reward(completion: str, topic_words: Mapping[str, Hashable] | set[str], zh_words: set[str],
