@@ -1,7 +1,10 @@
 """Measure the lifecycle utilities (steer, classify, synthesize, redundancy) on the demo world, the way the
 Qwen-Scope report measures them.
 
-    python benchmarks/utilities.py [--world default | --world-dir DIR] [--plots DIR]
+    python benchmarks/utilities.py [--world-size {default,test}] [--world-seed N | --world-dir DIR] [--plots DIR]
+
+``--world-seed`` picks the world seed where the world API has one (world v2, issue 16: ``load_world(size,
+seed=N)``); on a world API without seeds only seed 0 (the preset) is accepted, and any other seed is refused.
 
 Everything is judged by the world's ground truth (topic vocabularies, Unicode script, the corpus's labels), never
 by the SAE. Every setting and measure is fixed up front, in the modules that run them:
@@ -32,6 +35,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
+import inspect  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
@@ -62,7 +66,7 @@ from qscope_rl.tools.synthesize import (
     target_features,
     unguided,
 )
-from qscope_rl.world import World, load_world
+from qscope_rl.world import SIZES, World, load_world
 
 THROUGHPUT_PAIRS = 4
 DRAWS = 10  # redundancy: draws of the benchmark documents (draw 0 is the headline, the rest show the spread)
@@ -107,9 +111,10 @@ def bench_steer(world, sae, plots: Path | None) -> dict:
     for mode in cs["modes"]:
         out[f"steer_cs_reduction_{mode}"] = cs["modes"][mode]["reduction"]
         out[f"steer_cs_ppl_ratio_{mode}"] = cs["modes"][mode]["ppl_ratio"]
+        out[f"steer_throughput_ratio_{mode}"] = ratios[mode]
+    for mode in topic["modes"]:
         out[f"steer_topic_success_{mode}"] = topic["modes"][mode]["topic_share"]
         out[f"steer_topic_ppl_ratio_{mode}"] = topic["modes"][mode]["ppl_ratio"]
-        out[f"steer_throughput_ratio_{mode}"] = ratios[mode]
     return out
 
 
@@ -251,23 +256,41 @@ BENCHES = {"steer": bench_steer, "classify": bench_classify, "synthesize": bench
            "redundancy": bench_redundancy}
 
 
+def bench_world(size: str, seed: int, world_dir: str | None) -> World:
+    """The world to measure: a built folder, else the cached (or freshly built) world of ``size`` and ``seed``."""
+    if world_dir:
+        if seed:
+            raise SystemExit("error: --world-seed and --world-dir exclude each other (the folder fixes the seed)")
+        return World(world_dir)
+    if "seed" in inspect.signature(load_world).parameters:
+        return load_world(size, seed=seed)
+    if seed:
+        raise SystemExit(f"error: --world-seed {seed}: this version's world has no seed parameter (world seeds "
+                         "land with world v2, issue 16); only seed 0, the preset, can be measured")
+    return load_world(size)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--world", default="default", help="demo world size (default: default)")
-    parser.add_argument("--world-dir", default=None, help="a built world folder (instead of --world)")
+    parser.add_argument("--world-size", "--world", choices=SIZES, default="default",
+                        help="demo world size (default: default)")
+    parser.add_argument("--world-seed", type=int, default=0, help="world seed (default 0, the preset)")
+    parser.add_argument("--world-dir", default=None, help="a built world folder (instead of --world-size)")
     parser.add_argument("--only", default=",".join(BENCHES), help="comma-separated subset of " + ",".join(BENCHES))
     parser.add_argument("--plots", default=None, help="write PNG figures into this folder")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     t0 = time.perf_counter()
-    world = World(args.world_dir) if args.world_dir else load_world(args.world)
+    if args.world_seed < 0:
+        raise SystemExit(f"error: --world-seed must be >= 0, got {args.world_seed}")
+    world = bench_world(args.world_size, args.world_seed, args.world_dir)
     sae = load_sae(world.sae_dir, layer=world.layer)
     plots = Path(args.plots) if args.plots else None
     if plots:
         plots.mkdir(parents=True, exist_ok=True)
     print(f"world at {world.path}: d_model={world.stats['d_model']}, SAE d_sae={sae.d_sae} "
           f"k={sae.k} at layer {world.layer}")
-    results = {}
+    results = {"world_size": world.stats.get("size", args.world_size), "world_seed": world.stats.get("seed", 0)}
     for name in args.only.split(","):
         if name not in BENCHES:
             raise SystemExit(f"error: unknown benchmark {name!r}; choose from {list(BENCHES)}")

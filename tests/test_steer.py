@@ -169,3 +169,30 @@ def test_steering_protocol_choice():
     options = {"a": (0.95, 2.0), "b": (0.80, 1.2), "c": (0.60, 1.0)}
     assert choose(options, 1.5) == "b"  # the largest effect within the perplexity cap
     assert choose(options, 0.5) == "c"  # none within: the smallest perplexity ratio
+
+
+def test_pre_clamp_caps_the_pre_activation_and_leaves_the_rest_alone(world):
+    """h' = h - ReLU(pre_j(h) - v) / (e_j . d_j) * d_j: after the edit pre_j <= v; below v nothing changes."""
+    from qscope_rl.hooks import capture_residual
+
+    sae = load_sae(world.sae_dir, layer=world.layer)
+    ids = world.tokenizer([d.text for d in world.documents("heldout")[:3]], return_tensors="pt", padding=True)
+    with torch.no_grad(), capture_residual(world.model, world.layer) as plain:
+        world.model(**ids)
+    h = plain.last
+    pre = sae.pre_acts(h)
+    feature = int((pre > 0).float().mean((0, 1)).argsort(descending=True)[5])  # above 0 on some positions only
+    cap = -0.5
+    with torch.no_grad(), steer(world.model, sae, {feature: cap}, mode="pre_clamp"), \
+            capture_residual(world.model, world.layer) as edited:
+        world.model(**ids)
+    after = sae.pre_acts(edited.last)[..., feature]
+    below = pre[..., feature] <= cap
+    assert below.any() and (~below).any()
+    assert float(after.max()) <= cap + 1e-4
+    torch.testing.assert_close(after[~below], torch.full_like(after[~below], cap), atol=1e-4, rtol=0)
+    torch.testing.assert_close(edited.last[below], h[below])
+    col = sae.W_dec[:, feature]
+    step = edited.last - h  # only along the feature's decoder column
+    torch.testing.assert_close(step - (step @ col)[..., None] * col / col.dot(col), torch.zeros_like(step),
+                               atol=1e-4, rtol=0)

@@ -5,7 +5,7 @@ Fixed before any run:
   monolinguality pack), its top ``top`` features. Effect: the relative cut of the code-switch rate (Unicode
   script judge). Strengths: add at -light / -medium / -strong (alpha relative to each feature's contrastive
   activation difference), clamp to the same negative multiples, conditional at factor 0 (remove the feature where
-  it fires; no strength to choose).
+  it fires; no strength to choose), pre_clamp (ours) capping the pre-activation at 0 / -light / -medium.
 - topic steering: for each topic, its top ``top`` contrastive features, prompts of the other topics. Effect: the
   share of samples the world's topic judge puts on the target topic. Strengths: add at +medium / +strong /
   +20x, clamp to the same multiples, conditional at factor 2 / 4 / 10.
@@ -24,7 +24,7 @@ import random
 from .measures import steering_metrics, world_topic_pack
 
 CS_STRENGTHS = {"add": ("-light", "-medium", "-strong"), "clamp": ("-light", "-medium", "-strong"),
-                "conditional": (0.0,)}
+                "conditional": (0.0,), "pre_clamp": (0.0, "-light", "-medium")}
 TOPIC_STRENGTHS = {"add": ("medium", "strong", "20x"), "clamp": ("medium", "strong", "20x"),
                    "conditional": (2.0, 4.0, 10.0)}
 CS_CAP, TOPIC_CAP = 1.5, 3.0
