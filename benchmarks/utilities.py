@@ -9,18 +9,20 @@ seed=N)``); on a world API without seeds only seed 0 (the preset) is accepted, a
 Everything is judged by the world's ground truth (topic vocabularies, Unicode script, the corpus's labels), never
 by the SAE. Every setting and measure is fixed up front, in the modules that run them:
 - steer (`qscope_rl.demo.steering_experiment`): additive, clamp and conditional steering side by side for
-  code-switch suppression and topic steering, each mode's strength chosen on development prompts by a stated
-  rule, held-out prompts run once; throughput = the same generate call with and without the steering hook,
-  pairs in alternating order (ABBA), the median of the pairs' ratios, for each mode.
+  code-switch suppression and topic steering, plus pre_clamp (ours) for suppression, each mode's strength chosen
+  on development prompts by a stated rule, held-out prompts run once; throughput = the same generate call with
+  and without the steering hook, pairs in alternating order (ABBA), the median of the pairs' ratios, per mode.
 - classify (`qscope_rl.demo.classify_tasks`): four tasks (topic, language, contains a switch, loops), macro-F1
   on balanced held-out documents vs seeds per class (mean of 3 draws) for the Qwen-Scope OR rule, the same
-  rule with seed-chosen firing cuts, SAE + logistic, a dense probe and TF-IDF + logistic; and the rule's
+  rule with seed-chosen firing cuts, the rule with its cut and K chosen by 4-fold cross-validation on the seeds
+  (ours), SAE + logistic, a dense probe and TF-IDF + logistic; and the rule's
   macro-F1 vs the share of the discovery pool it sees. Headline: the mean over the four tasks at 16 seeds/class.
 - synthesize (`qscope_rl.demo.synthesis_experiment`): coverage of the target features at a matched budget, the
   samples each method needs to cover 90% of them, and the downstream topic classifier on the long tail.
 - redundancy (`qscope_rl.demo.redundancy_benchmarks`): 14 benchmarks of held-out documents with known cell
   overlap; Spearman between the footprint redundancy R and the performance-based redundancy of a family of
-  ablated models, over 10 draws of the documents; the overlap matrix against the truth; an asymmetric pair.
+  ablated models, over 10 draws of the documents; the overlap matrix against the truth; an asymmetric pair; all
+  of it for the report's last-token footprint (the headline) and for the any-token footprint (ours).
 The last line is one JSON object with the headline numbers.
 """
 
@@ -54,9 +56,10 @@ from qscope_rl.demo.redundancy_benchmarks import (
 )
 from qscope_rl.demo.steering_experiment import code_switch_experiment, topic_experiment
 from qscope_rl.demo.synthesis_experiment import downstream, gain_interval, synthesis_setting
+from qscope_rl.features.text_features import encode_texts
 from qscope_rl.sae.loaders import load_sae
 from qscope_rl.tools.classify import plot_curve
-from qscope_rl.tools.redundancy import compare_footprints, footprints, performance_redundancy
+from qscope_rl.tools.redundancy import compare_footprints, footprints_of, performance_redundancy
 from qscope_rl.tools.steered_generation import generate, steer
 from qscope_rl.tools.synthesize import (
     feature_coverage,
@@ -126,26 +129,31 @@ def bench_classify(world, sae, plots: Path | None) -> dict:
         print(f"\n### {task}: {len(r['classes'])} classes, discovery pool {r['pool']}, test {r['test']}")
         print(format_curve(r["curve"]))
         shares = r["shares"]
-        print("rule macro-F1 vs share of the discovery pool: " + ", ".join(
-            f"{s:.0%} {v:.3f}" for s, v in shares["sae_rule"].items()) + " | seed cuts: " + ", ".join(
-            f"{s:.0%} {v:.3f}" for s, v in shares["sae_rule_seed_threshold"].items()))
+        print("rule macro-F1 vs share of the discovery pool: " + " | ".join(
+            f"{method}: " + ", ".join(f"{s:.0%} {v:.3f}" for s, v in shares[method].items()) for method in shares))
         for method in r["curve"]:
             out[f"classify_f1_{method}_16_{task}"] = r["curve"][method][16]
-        full = shares["sae_rule"][1.0]
-        out[f"classify_rule_share10_recovery_{task}"] = shares["sae_rule"][0.1] / full if full > 0 else float("nan")
+        for method, suffix in (("sae_rule", ""), ("sae_rule_cv", "_cv")):
+            full = shares[method][1.0]
+            out[f"classify_rule{suffix}_share10_recovery_{task}"] = shares[method][0.1] / full if full > 0 else float(
+                "nan")
         if plots:
             plot_curve(r["curve"], plots / f"classify_f1_{task}.png", title=f"demo world: {task}")
             plot_curve(shares, plots / f"classify_share_{task}.png", title=f"demo world: {task}",
                        xlabel="share of the discovery pool")
     for method in next(iter(res.values()))["curve"]:
         out[f"classify_f1_{method}_16"] = statistics.fmean(out[f"classify_f1_{method}_16_{t}"] for t in TASKS)
-    out["classify_rule_share10_recovery"] = statistics.fmean(out[f"classify_rule_share10_recovery_{t}"] for t in TASKS)
+    for suffix in ("", "_cv"):
+        out[f"classify_rule{suffix}_share10_recovery"] = statistics.fmean(
+            out[f"classify_rule{suffix}_share10_recovery_{t}"] for t in TASKS)
     out["classify_f1_sae_rule_16"], out["classify_f1_dense_probe_16"] = \
         out.pop("classify_f1_sae_rule_16"), out.pop("classify_f1_dense_probe_16")
     print(f"\nmean over the four tasks at 16 seeds/class: rule {out['classify_f1_sae_rule_16']:.3f} (goal >= 0.90), "
-          f"rule with seed cuts {out['classify_f1_sae_rule_seed_threshold_16']:.3f}, dense probe "
+          f"rule with seed cuts {out['classify_f1_sae_rule_seed_threshold_16']:.3f}, rule with cut and K chosen by "
+          f"4-fold cross-validation on the seeds {out['classify_f1_sae_rule_cv_16']:.3f}, dense probe "
           f"{out['classify_f1_dense_probe_16']:.3f} (gap goal <= 3 points); 10% of the discovery pool keeps "
-          f"{out['classify_rule_share10_recovery']:.1%} of the rule's F1 (report: about 99%)")
+          f"{out['classify_rule_share10_recovery']:.1%} of the rule's F1 (report: about 99%; cross-validated rule "
+          f"{out['classify_rule_cv_share10_recovery']:.1%})")
     return out
 
 
@@ -207,13 +215,9 @@ def bench_synthesize(world, sae, plots: Path | None) -> dict:
                                                                    "real+targeted")}}
 
 
-def bench_redundancy(world, sae, plots: Path | None) -> dict:
-    docs = world.documents("heldout")
-    texts = [d.text for d in docs]
-    print(f"\n## redundancy: footprints and a family of 24 ablated models on {len(texts)} held-out documents")
-    prints = footprints(world.model, world.tokenizer, sae, texts, progress=False)
-    scores = model_family_scores(world, texts, progress=False)
-    per_benchmark = 48 if len(docs) >= 800 else 16
+def redundancy_draws(world, prints, scores, per_benchmark: int) -> dict:
+    """Over DRAWS draws of the benchmarks' documents: Spearman(R, performance-based redundancy), Spearman(overlap,
+    true overlap); with the first draw's report and performance-based redundancies."""
     rhos, overlap_rhos, first = [], [], None
     for draw in range(DRAWS):
         index, truth = world_benchmarks(world, per_benchmark=per_benchmark, seed=draw)
@@ -224,32 +228,52 @@ def bench_redundancy(world, sae, plots: Path | None) -> dict:
         pairs = sorted(truth)
         overlap_rhos.append(spearman([truth[p] for p in pairs],
                                      [float(report.overlap[pos[a], pos[b]]) for a, b in pairs]))
-        if first is None:
-            first = (report, perf)
-    report, perf = first
-    print(report.table())
-    print(f"\n{'benchmark':<12} {'R':>6} {'perf-R':>7}")
-    for name, r, p in zip(report.names, report.redundancy, perf):
-        print(f"{name:<12} {r:>6.3f} {p:>7.3f}")
+        first = first or (report, perf, truth)
     a, b = ASYMMETRIC_PAIR
+    report, perf, truth = first
     pos = {n: i for i, n in enumerate(report.names)}
     ab, ba = float(report.overlap[pos[a], pos[b]]), float(report.overlap[pos[b], pos[a]])
-    asymmetric = ab >= 2 * ba
-    print(f"Spearman(R, performance-based redundancy) over {len(report.names)} benchmarks: {rhos[0]:.3f} "
-          f"(goal >= 0.9); over {DRAWS} draws {statistics.fmean(rhos):.3f} ± {statistics.stdev(rhos):.3f} "
-          f"(min {min(rhos):.3f}, max {max(rhos):.3f})")
-    print(f"Spearman(overlap, true cell overlap) over the {len(truth)} ordered pairs: {overlap_rhos[0]:.3f}; "
-          f"over {DRAWS} draws {statistics.fmean(overlap_rhos):.3f} ± {statistics.stdev(overlap_rhos):.3f}")
-    print(f"asymmetric pair: overlap({a} -> {b}) = {ab:.2f}, overlap({b} -> {a}) = {ba:.2f} (true 1.00 / "
-          f"{truth[(b, a)]:.2f}; report GSM8K -> MATH 0.63, MATH -> GSM8K 0.10): "
-          f"{'reproduced' if asymmetric else 'not reproduced'} (goal: the first at least twice the second)")
-    if plots:
-        report.plot(plots / "redundancy_overlap.png")
-    return {"redundancy_benchmarks": len(report.names), "redundancy_spearman": rhos[0],
-            "redundancy_spearman_mean": statistics.fmean(rhos), "redundancy_spearman_std": statistics.stdev(rhos),
-            "redundancy_overlap_spearman": overlap_rhos[0],
-            "redundancy_overlap_spearman_mean": statistics.fmean(overlap_rhos),
-            "redundancy_asymmetric": [ab, ba], "redundancy_asymmetric_reproduced": asymmetric}
+    return {"rhos": rhos, "overlap_rhos": overlap_rhos, "report": report, "perf": perf, "truth": truth,
+            "asymmetric": (ab, ba)}
+
+
+def bench_redundancy(world, sae, plots: Path | None) -> dict:
+    docs = world.documents("heldout")
+    texts = [d.text for d in docs]
+    print(f"\n## redundancy: footprints and a family of 24 ablated models on {len(texts)} held-out documents")
+    feats = encode_texts(world.model, world.tokenizer, sae, texts, progress=False)
+    prints = {where: footprints_of(feats, where) for where in ("last", "any")}  # the report's, ours
+    scores = model_family_scores(world, texts, progress=False)
+    per_benchmark = 48 if len(docs) >= 800 else 16
+    a, b = ASYMMETRIC_PAIR
+    out = {}
+    for where, suffix in (("last", ""), ("any", "_any")):
+        r = redundancy_draws(world, prints[where], scores, per_benchmark)
+        rhos, overlap_rhos, report, perf, truth = r["rhos"], r["overlap_rhos"], r["report"], r["perf"], r["truth"]
+        ab, ba = r["asymmetric"]
+        print(f"\n### footprint at {'the last token (the report)' if where == 'last' else 'any token (ours)'}")
+        print(report.table())
+        print(f"\n{'benchmark':<12} {'R':>6} {'perf-R':>7}")
+        for name, red, p in zip(report.names, report.redundancy, perf):
+            print(f"{name:<12} {red:>6.3f} {p:>7.3f}")
+        asymmetric = ab >= 2 * ba
+        print(f"Spearman(R, performance-based redundancy) over {len(report.names)} benchmarks: {rhos[0]:.3f} "
+              f"(goal >= 0.9); over {DRAWS} draws {statistics.fmean(rhos):.3f} ± {statistics.stdev(rhos):.3f} "
+              f"(min {min(rhos):.3f}, max {max(rhos):.3f})")
+        print(f"Spearman(overlap, true cell overlap) over the {len(truth)} ordered pairs: {overlap_rhos[0]:.3f}; "
+              f"over {DRAWS} draws {statistics.fmean(overlap_rhos):.3f} ± {statistics.stdev(overlap_rhos):.3f}")
+        print(f"asymmetric pair: overlap({a} -> {b}) = {ab:.2f}, overlap({b} -> {a}) = {ba:.2f} (true 1.00 / "
+              f"{truth[(b, a)]:.2f}; report GSM8K -> MATH 0.63, MATH -> GSM8K 0.10): "
+              f"{'reproduced' if asymmetric else 'not reproduced'} (goal: the first at least twice the second)")
+        if plots:
+            report.plot(plots / f"redundancy_overlap{suffix}.png",
+                        title=f"overlap(row -> column), footprint at {where} token")
+        out |= {f"redundancy_spearman{suffix}": rhos[0], f"redundancy_spearman{suffix}_mean": statistics.fmean(rhos),
+                f"redundancy_spearman{suffix}_std": statistics.stdev(rhos),
+                f"redundancy_overlap_spearman{suffix}": overlap_rhos[0],
+                f"redundancy_overlap_spearman{suffix}_mean": statistics.fmean(overlap_rhos),
+                f"redundancy_asymmetric{suffix}": [ab, ba], f"redundancy_asymmetric{suffix}_reproduced": asymmetric}
+    return {"redundancy_benchmarks": len(report.names), **out}
 
 
 BENCHES = {"steer": bench_steer, "classify": bench_classify, "synthesize": bench_synthesize,
