@@ -63,6 +63,7 @@ from qscope_rl.tools.redundancy import compare_footprints, footprints_of, perfor
 from qscope_rl.tools.steered_generation import generate, steer
 from qscope_rl.tools.synthesize import (
     feature_coverage,
+    plot_coverage_curves,
     plot_synthesis,
     random_contexts,
     synthesize,
@@ -79,8 +80,8 @@ UNGUIDED_CAP = 8  # the unguided run may use this many times the targeted run's 
 
 def bench_steer(world, sae, plots: Path | None) -> dict:
     model, tok = world.model, world.tokenizer
-    print("\n## steer: suppress the unwanted-language features on English prompts (dev: 64 train prompts, "
-          "test: 128 held-out)")
+    print("\n## steer: suppress the unwanted-language features on English prompts (dev: up to 128 train prompts, "
+          "test: up to 256 held-out)")
     cs = code_switch_experiment(world, sae)
     print(f"headline mode (chosen on dev): {cs['headline']}")
     print("\n## steer: amplify a topic's top 8 contrastive features, prompts of the other topics "
@@ -93,7 +94,7 @@ def bench_steer(world, sae, plots: Path | None) -> dict:
     def timed(alphas, mode) -> float:
         t0 = time.perf_counter()
         with steer(model, sae, alphas, mode=mode) if alphas else contextlib.nullcontext():
-            generate(model, tok, texts, progress=False)
+            generate(model, tok, texts, batch_size=len(texts), progress=False)
         return time.perf_counter() - t0
 
     ratios = {}
@@ -207,6 +208,7 @@ def bench_synthesize(world, sae, plots: Path | None) -> dict:
           f"{gain['gain']:+.3f} [{gain['ci'][0]:+.3f}, {gain['ci'][1]:+.3f}]")
     if plots:
         plot_synthesis(result, base, str(plots / "synthesis_coverage.png"))
+        plot_coverage_curves({"feature-targeted": result, "unguided": base}, plots / "synthesis_curves.png")
     return {"synth_targets": len(targets), "synth_coverage": result.coverage, "synth_coverage_unguided": matched,
             "synth_budget": result.n_generated, "synth_samples_to_90": n90, "synth_unguided_samples_to_90": base_n90,
             "synth_efficiency_samples_to_90": efficiency, "synth_downstream_gain": gain["gain"],

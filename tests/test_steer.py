@@ -196,3 +196,31 @@ def test_pre_clamp_caps_the_pre_activation_and_leaves_the_rest_alone(world):
     step = edited.last - h  # only along the feature's decoder column
     torch.testing.assert_close(step - (step @ col)[..., None] * col / col.dot(col), torch.zeros_like(step),
                                atol=1e-4, rtol=0)
+
+
+def test_grouped_steering_edits_each_groups_rows_with_its_own_features(world):
+    """The topic experiment's batching: one row-restricted hook per group, stacked, in one forward."""
+    import contextlib
+
+    from qscope_rl.demo.steering_experiment import _run_groups
+    from qscope_rl.hooks import capture_residual
+
+    sae = load_sae(world.sae_dir, layer=world.layer)
+    ids = world.tokenizer([d.text for d in world.documents("heldout")[:4]], return_tensors="pt", padding=True)
+    with torch.no_grad(), capture_residual(world.model, world.layer) as plain:
+        world.model(**ids)
+    groups = {(0, 1): {3: 5.0}, (2, 3): {7: -5.0}}
+    with torch.no_grad(), contextlib.ExitStack() as stack:
+        for rows, alphas in groups.items():
+            stack.enter_context(steer(world.model, sae, alphas, rows=rows))
+        with capture_residual(world.model, world.layer) as edited:
+            world.model(**ids)
+    for rows, alphas in groups.items():
+        (f, a), = alphas.items()
+        torch.testing.assert_close(edited.last[list(rows)], plain.last[list(rows)] + a * sae.W_dec[:, f],
+                                   atol=1e-4, rtol=1e-4)
+    prompts = world.prompts("heldout", "en")[:6]
+    runs = _run_groups(world, sae, [(prompts[:3], {3: 5.0}, None), (prompts[3:], None, world.topics[0])], "add",
+                       max_new_tokens=4)
+    assert set(runs[0]) == {"code_switch_rate", "perplexity"} and "topic_share" in runs[1]
+    assert not decoder_layer(world.model, world.layer)._forward_hooks  # every hook removed
