@@ -82,12 +82,15 @@ def bench_steer(world, sae, plots: Path | None) -> dict:
     model, tok = world.model, world.tokenizer
     print("\n## steer: suppress the unwanted-language features on English prompts (dev: up to 128 train prompts, "
           "test: up to 256 held-out)")
+    t0 = time.perf_counter()
     cs = code_switch_experiment(world, sae)
-    print(f"headline mode (chosen on dev): {cs['headline']}")
+    print(f"headline mode (chosen on dev): {cs['headline']} ({time.perf_counter() - t0:.0f}s)")
     print("\n## steer: amplify a topic's top 8 contrastive features, prompts of the other topics "
           "(dev 24, test 64 per topic)")
+    t0 = time.perf_counter()
     topic = topic_experiment(world, sae)
-    print(f"headline mode (chosen on dev): {topic['headline']}")
+    print(f"headline mode (chosen on dev): {topic['headline']} ({time.perf_counter() - t0:.0f}s)")
+    t0 = time.perf_counter()
 
     texts = [p.text for p in world.prompts("heldout", "en")[:128]]
 
@@ -106,7 +109,7 @@ def bench_steer(world, sae, plots: Path | None) -> dict:
             pairs.append((times[False], times[True]))
         ratios[mode] = statistics.median(p / st for p, st in pairs)
     print("throughput steered / unsteered (median of " f"{THROUGHPUT_PAIRS} ABBA pairs, {len(texts)} x 48 tokens): "
-          + ", ".join(f"{m} {r:.3f}" for m, r in ratios.items()) + " (goal >= 0.95)")
+          + ", ".join(f"{m} {r:.3f}" for m, r in ratios.items()) + f" (goal >= 0.95; {time.perf_counter() - t0:.0f}s)")
     head, thead = cs["modes"][cs["headline"]], topic["modes"][topic["headline"]]
     out = {"steer_cs_mode": cs["headline"], "steer_cs_reduction": head["reduction"],
            "steer_cs_ppl_ratio": head["ppl_ratio"], "steer_topic_mode": topic["headline"],
@@ -306,7 +309,7 @@ def main(argv=None) -> int:
     parser.add_argument("--plots", default=None, help="write PNG figures into this folder")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     if args.world_seed < 0:
         raise SystemExit(f"error: --world-seed must be >= 0, got {args.world_seed}")
     world = bench_world(args.world_size, args.world_seed, args.world_dir)
@@ -320,10 +323,12 @@ def main(argv=None) -> int:
     for name in args.only.split(","):
         if name not in BENCHES:
             raise SystemExit(f"error: unknown benchmark {name!r}; choose from {list(BENCHES)}")
-        t = time.perf_counter()
+        t, cpu = time.perf_counter(), time.process_time()
         results |= BENCHES[name](world, sae, plots)
-        print(f"({name}: {time.perf_counter() - t:.0f}s)")
+        # CPU seconds beside wall seconds: on a shared machine the wall time is mostly other jobs' load
+        print(f"({name}: {time.perf_counter() - t:.0f}s wall, {time.process_time() - cpu:.0f}s CPU)")
     results["seconds"] = round(time.perf_counter() - t0, 1)
+    results["cpu_seconds"] = round(time.process_time() - cpu0, 1)
     def clean(v):  # NaN (a measure that is undefined on this run) prints as null: the line stays strict JSON
         if isinstance(v, float):
             return None if v != v else round(v, 4)
