@@ -74,7 +74,8 @@ from qscope_rl.world import SIZES, World, load_world
 
 THROUGHPUT_PAIRS = 4
 DRAWS = 10  # redundancy: draws of the benchmark documents (draw 0 is the headline, the rest show the spread)
-SYNTH_ROUNDS = 8  # synthesize: attempts per target at most (the matched budget is what they use)
+SYNTH_ROUNDS = 16  # synthesize: attempts per target at most (the matched budget is what they use); at 8 the
+# targeted run stalled at 87.5% on the default world (2026-12-02), leaving samples-to-90% undefined
 UNGUIDED_CAP = 8  # the unguided run may use this many times the targeted run's samples to reach 90%
 
 
@@ -97,7 +98,8 @@ def bench_steer(world, sae, plots: Path | None) -> dict:
     def timed(alphas, mode) -> float:
         t0 = time.perf_counter()
         with steer(model, sae, alphas, mode=mode) if alphas else contextlib.nullcontext():
-            generate(model, tok, texts, batch_size=len(texts), progress=False)
+            # exactly 48 new tokens in both arms: an earlier end-of-text in one arm would read as a speed-up
+            generate(model, tok, texts, batch_size=len(texts), min_new_tokens=48, progress=False)
         return time.perf_counter() - t0
 
     ratios = {}
@@ -161,7 +163,7 @@ def bench_classify(world, sae, plots: Path | None) -> dict:
     return out
 
 
-def bench_synthesize(world, sae, plots: Path | None) -> dict:
+def bench_synthesize(world, sae, plots: Path | None, rounds: int = SYNTH_ROUNDS) -> dict:
     model, tok = world.model, world.tokenizer
     setting = synthesis_setting(world)
     real = [d.text for d in setting["real"]]
@@ -174,7 +176,7 @@ def bench_synthesize(world, sae, plots: Path | None) -> dict:
           f"{len(reference)} reference docs; {len(targets)} targets")
     prompts = [p.text for p in world.prompts("train", "en")]
     result = synthesize(model, tok, sae, targets, prompts, reference=reference, strategy="both",
-                        per_target=SYNTH_ROUNDS)
+                        per_target=rounds)
     n90 = result.samples_to(0.9)
     random_prompts = random_contexts(tok, reference, UNGUIDED_CAP * (n90 or result.n_generated), seed=1)
     base = unguided(model, tok, sae, targets, random_prompts, len(random_prompts), stop_at=0.9, seed=1)
@@ -212,7 +214,8 @@ def bench_synthesize(world, sae, plots: Path | None) -> dict:
     if plots:
         plot_synthesis(result, base, str(plots / "synthesis_coverage.png"))
         plot_coverage_curves({"feature-targeted": result, "unguided": base}, plots / "synthesis_curves.png")
-    return {"synth_targets": len(targets), "synth_coverage": result.coverage, "synth_coverage_unguided": matched,
+    return {"synth_rounds": rounds, "synth_targets": len(targets), "synth_coverage": result.coverage,
+            "synth_coverage_unguided": matched,
             "synth_budget": result.n_generated, "synth_samples_to_90": n90, "synth_unguided_samples_to_90": base_n90,
             "synth_efficiency_samples_to_90": efficiency, "synth_downstream_gain": gain["gain"],
             "synth_downstream_gain_ci": gain["ci"],
@@ -307,6 +310,8 @@ def main(argv=None) -> int:
     parser.add_argument("--world-dir", default=None, help="a built world folder (instead of --world-size)")
     parser.add_argument("--only", default=",".join(BENCHES), help="comma-separated subset of " + ",".join(BENCHES))
     parser.add_argument("--plots", default=None, help="write PNG figures into this folder")
+    parser.add_argument("--synth-rounds", type=int, default=SYNTH_ROUNDS,
+                        help=f"synthesize: attempts per target at most (default {SYNTH_ROUNDS})")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     t0, cpu0 = time.perf_counter(), time.process_time()
@@ -324,7 +329,7 @@ def main(argv=None) -> int:
         if name not in BENCHES:
             raise SystemExit(f"error: unknown benchmark {name!r}; choose from {list(BENCHES)}")
         t, cpu = time.perf_counter(), time.process_time()
-        results |= BENCHES[name](world, sae, plots)
+        results |= BENCHES[name](world, sae, plots, **({"rounds": args.synth_rounds} if name == "synthesize" else {}))
         # CPU seconds beside wall seconds: on a shared machine the wall time is mostly other jobs' load
         print(f"({name}: {time.perf_counter() - t:.0f}s wall, {time.process_time() - cpu:.0f}s CPU)")
     results["seconds"] = round(time.perf_counter() - t0, 1)

@@ -224,3 +224,11 @@ def test_grouped_steering_edits_each_groups_rows_with_its_own_features(world):
                        max_new_tokens=4)
     assert set(runs[0]) == {"code_switch_rate", "perplexity"} and "topic_share" in runs[1]
     assert not decoder_layer(world.model, world.layer)._forward_hooks  # every hook removed
+
+
+def test_generate_min_new_tokens(world):
+    prompts = [p.text for p in world.prompts("heldout", "en")[:4]]
+    fixed = generate(world.model, world.tokenizer, prompts, max_new_tokens=6, min_new_tokens=6, progress=False)
+    assert len(fixed) == 4 and all(c for c in fixed)
+    with pytest.raises(ValueError, match="min_new_tokens"):
+        generate(world.model, world.tokenizer, prompts, max_new_tokens=4, min_new_tokens=5)
