@@ -104,7 +104,8 @@ def test_world_topics(world, tmp_path):
     ftest = encode_texts(world.model, world.tokenizer, sae, [d.text for d in test], progress=False)
     curve = few_shot_curve(sae, ftrain, [d.text for d in pool], [d.topic for d in pool], ftest,
                            [d.text for d in test], [d.topic for d in test], seeds_per_class=(2, 8), repeats=1)
-    assert set(curve) == {"sae_rule", "sae_rule_seed_threshold", "sae_logistic", "dense_probe", "tfidf_logistic"}
+    assert set(curve) == {"sae_rule", "sae_rule_seed_threshold", "sae_rule_cv", "sae_logistic", "dense_probe",
+                          "tfidf_logistic"}
     assert all(0 <= f <= 1 for per_n in curve.values() for f in per_n.values())
     with pytest.raises(ValueError, match="not enough training texts"):
         few_shot_curve(sae, ftrain, [d.text for d in pool], [d.topic for d in pool], ftest,
