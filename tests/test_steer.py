@@ -134,15 +134,22 @@ def test_cli_steer(world, world_cache, zh_pack, monkeypatch, tmp_path, capsys):
         main(["steer", "--feature", "99999=1", "--prompt", "the"])
 
 
+def unedited_residual(world, n: int = 3):
+    """(SAE, tokenized held-out documents, the unedited residual at the SAE's layer on them)."""
+    from qscope_rl.hooks import capture_residual
+
+    sae = load_sae(world.sae_dir, layer=world.layer)
+    ids = world.tokenizer([d.text for d in world.documents("heldout")[:n]], return_tensors="pt", padding=True)
+    with torch.no_grad(), capture_residual(world.model, world.layer) as plain:
+        world.model(**ids)
+    return sae, ids, plain.last
+
+
 def test_conditional_steering_matches_a_reference_and_leaves_silent_positions_alone(world):
     """h' = h + (m - 1) * a_j(h) * d_j from a dense encode of the unedited residual; zero where j is silent."""
     from qscope_rl.hooks import capture_residual
 
-    sae = load_sae(world.sae_dir, layer=world.layer)
-    ids = world.tokenizer([d.text for d in world.documents("heldout")[:3]], return_tensors="pt", padding=True)
-    with torch.no_grad(), capture_residual(world.model, world.layer) as plain:
-        world.model(**ids)
-    h = plain.last
+    sae, ids, h = unedited_residual(world)
     acts = sae.encode(h)
     fired = (acts > 0).float().mean((0, 1))
     features = fired.argsort(descending=True)[3:6].tolist()  # fire on some positions, not all
@@ -175,11 +182,7 @@ def test_pre_clamp_caps_the_pre_activation_and_leaves_the_rest_alone(world):
     """h' = h - ReLU(pre_j(h) - v) / (e_j . d_j) * d_j: after the edit pre_j <= v; below v nothing changes."""
     from qscope_rl.hooks import capture_residual
 
-    sae = load_sae(world.sae_dir, layer=world.layer)
-    ids = world.tokenizer([d.text for d in world.documents("heldout")[:3]], return_tensors="pt", padding=True)
-    with torch.no_grad(), capture_residual(world.model, world.layer) as plain:
-        world.model(**ids)
-    h = plain.last
+    sae, ids, h = unedited_residual(world)
     pre = sae.pre_acts(h)
     feature = int((pre > 0).float().mean((0, 1)).argsort(descending=True)[5])  # above 0 on some positions only
     cap = -0.5
