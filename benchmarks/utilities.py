@@ -1,23 +1,28 @@
 """Measure the lifecycle utilities (steer, classify, synthesize, redundancy) on the demo world, the way the
 Qwen-Scope report measures them.
 
-    python benchmarks/utilities.py [--world default | --world-dir DIR] [--plots DIR]
+    python benchmarks/utilities.py [--world-size {default,test}] [--world-seed N | --world-dir DIR] [--plots DIR]
+
+``--world-seed`` picks the world seed where the world API has one (world v2, issue 16: ``load_world(size,
+seed=N)``); on a world API without seeds only seed 0 (the preset) is accepted, and any other seed is refused.
 
 Everything is judged by the world's ground truth (topic vocabularies, Unicode script, the corpus's labels), never
 by the SAE. Every setting and measure is fixed up front, in the modules that run them:
 - steer (`qscope_rl.demo.steering_experiment`): additive, clamp and conditional steering side by side for
-  code-switch suppression and topic steering, each mode's strength chosen on development prompts by a stated
-  rule, held-out prompts run once; throughput = the same generate call with and without the steering hook,
-  pairs in alternating order (ABBA), the median of the pairs' ratios, for each mode.
+  code-switch suppression and topic steering, plus pre_clamp (ours) for suppression, each mode's strength chosen
+  on development prompts by a stated rule, held-out prompts run once; throughput = the same generate call with
+  and without the steering hook, pairs in alternating order (ABBA), the median of the pairs' ratios, per mode.
 - classify (`qscope_rl.demo.classify_tasks`): four tasks (topic, language, contains a switch, loops), macro-F1
   on balanced held-out documents vs seeds per class (mean of 3 draws) for the Qwen-Scope OR rule, the same
-  rule with seed-chosen firing cuts, SAE + logistic, a dense probe and TF-IDF + logistic; and the rule's
+  rule with seed-chosen firing cuts, the rule with its cut and K chosen by 4-fold cross-validation on the seeds
+  (ours), SAE + logistic, a dense probe and TF-IDF + logistic; and the rule's
   macro-F1 vs the share of the discovery pool it sees. Headline: the mean over the four tasks at 16 seeds/class.
 - synthesize (`qscope_rl.demo.synthesis_experiment`): coverage of the target features at a matched budget, the
   samples each method needs to cover 90% of them, and the downstream topic classifier on the long tail.
 - redundancy (`qscope_rl.demo.redundancy_benchmarks`): 14 benchmarks of held-out documents with known cell
   overlap; Spearman between the footprint redundancy R and the performance-based redundancy of a family of
-  ablated models, over 10 draws of the documents; the overlap matrix against the truth; an asymmetric pair.
+  ablated models, over 10 draws of the documents; the overlap matrix against the truth; an asymmetric pair; all
+  of it for the report's last-token footprint (the headline) and for the any-token footprint (ours).
 The last line is one JSON object with the headline numbers.
 """
 
@@ -32,6 +37,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
+import inspect  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
@@ -50,43 +56,50 @@ from qscope_rl.demo.redundancy_benchmarks import (
 )
 from qscope_rl.demo.steering_experiment import code_switch_experiment, topic_experiment
 from qscope_rl.demo.synthesis_experiment import downstream, gain_interval, synthesis_setting
+from qscope_rl.features.text_features import encode_texts
 from qscope_rl.sae.loaders import load_sae
 from qscope_rl.tools.classify import plot_curve
-from qscope_rl.tools.redundancy import compare_footprints, footprints, performance_redundancy
+from qscope_rl.tools.redundancy import compare_footprints, footprints_of, performance_redundancy
 from qscope_rl.tools.steered_generation import generate, steer
 from qscope_rl.tools.synthesize import (
     feature_coverage,
+    plot_coverage_curves,
     plot_synthesis,
     random_contexts,
     synthesize,
     target_features,
     unguided,
 )
-from qscope_rl.world import World, load_world
+from qscope_rl.world import SIZES, World, load_world
 
 THROUGHPUT_PAIRS = 4
 DRAWS = 10  # redundancy: draws of the benchmark documents (draw 0 is the headline, the rest show the spread)
-SYNTH_ROUNDS = 8  # synthesize: attempts per target at most (the matched budget is what they use)
+SYNTH_ROUNDS = 16  # synthesize: attempts per target at most (the matched budget is what they use); at 8 the
+# targeted run stalled at 87.5% on the default world (2026-12-02), leaving samples-to-90% undefined
 UNGUIDED_CAP = 8  # the unguided run may use this many times the targeted run's samples to reach 90%
 
 
 def bench_steer(world, sae, plots: Path | None) -> dict:
     model, tok = world.model, world.tokenizer
-    print("\n## steer: suppress the unwanted-language features on English prompts (dev: 64 train prompts, "
-          "test: 128 held-out)")
+    print("\n## steer: suppress the unwanted-language features on English prompts (dev: up to 128 train prompts, "
+          "test: up to 256 held-out)")
+    t0 = time.perf_counter()
     cs = code_switch_experiment(world, sae)
-    print(f"headline mode (chosen on dev): {cs['headline']}")
+    print(f"headline mode (chosen on dev): {cs['headline']} ({time.perf_counter() - t0:.0f}s)")
     print("\n## steer: amplify a topic's top 8 contrastive features, prompts of the other topics "
           "(dev 24, test 64 per topic)")
+    t0 = time.perf_counter()
     topic = topic_experiment(world, sae)
-    print(f"headline mode (chosen on dev): {topic['headline']}")
+    print(f"headline mode (chosen on dev): {topic['headline']} ({time.perf_counter() - t0:.0f}s)")
+    t0 = time.perf_counter()
 
     texts = [p.text for p in world.prompts("heldout", "en")[:128]]
 
     def timed(alphas, mode) -> float:
         t0 = time.perf_counter()
         with steer(model, sae, alphas, mode=mode) if alphas else contextlib.nullcontext():
-            generate(model, tok, texts, progress=False)
+            # exactly 48 new tokens in both arms: an earlier end-of-text in one arm would read as a speed-up
+            generate(model, tok, texts, batch_size=len(texts), min_new_tokens=48, progress=False)
         return time.perf_counter() - t0
 
     ratios = {}
@@ -98,7 +111,7 @@ def bench_steer(world, sae, plots: Path | None) -> dict:
             pairs.append((times[False], times[True]))
         ratios[mode] = statistics.median(p / st for p, st in pairs)
     print("throughput steered / unsteered (median of " f"{THROUGHPUT_PAIRS} ABBA pairs, {len(texts)} x 48 tokens): "
-          + ", ".join(f"{m} {r:.3f}" for m, r in ratios.items()) + " (goal >= 0.95)")
+          + ", ".join(f"{m} {r:.3f}" for m, r in ratios.items()) + f" (goal >= 0.95; {time.perf_counter() - t0:.0f}s)")
     head, thead = cs["modes"][cs["headline"]], topic["modes"][topic["headline"]]
     out = {"steer_cs_mode": cs["headline"], "steer_cs_reduction": head["reduction"],
            "steer_cs_ppl_ratio": head["ppl_ratio"], "steer_topic_mode": topic["headline"],
@@ -107,9 +120,10 @@ def bench_steer(world, sae, plots: Path | None) -> dict:
     for mode in cs["modes"]:
         out[f"steer_cs_reduction_{mode}"] = cs["modes"][mode]["reduction"]
         out[f"steer_cs_ppl_ratio_{mode}"] = cs["modes"][mode]["ppl_ratio"]
+        out[f"steer_throughput_ratio_{mode}"] = ratios[mode]
+    for mode in topic["modes"]:
         out[f"steer_topic_success_{mode}"] = topic["modes"][mode]["topic_share"]
         out[f"steer_topic_ppl_ratio_{mode}"] = topic["modes"][mode]["ppl_ratio"]
-        out[f"steer_throughput_ratio_{mode}"] = ratios[mode]
     return out
 
 
@@ -121,30 +135,35 @@ def bench_classify(world, sae, plots: Path | None) -> dict:
         print(f"\n### {task}: {len(r['classes'])} classes, discovery pool {r['pool']}, test {r['test']}")
         print(format_curve(r["curve"]))
         shares = r["shares"]
-        print("rule macro-F1 vs share of the discovery pool: " + ", ".join(
-            f"{s:.0%} {v:.3f}" for s, v in shares["sae_rule"].items()) + " | seed cuts: " + ", ".join(
-            f"{s:.0%} {v:.3f}" for s, v in shares["sae_rule_seed_threshold"].items()))
+        print("rule macro-F1 vs share of the discovery pool: " + " | ".join(
+            f"{method}: " + ", ".join(f"{s:.0%} {v:.3f}" for s, v in shares[method].items()) for method in shares))
         for method in r["curve"]:
             out[f"classify_f1_{method}_16_{task}"] = r["curve"][method][16]
-        full = shares["sae_rule"][1.0]
-        out[f"classify_rule_share10_recovery_{task}"] = shares["sae_rule"][0.1] / full if full > 0 else float("nan")
+        for method, suffix in (("sae_rule", ""), ("sae_rule_cv", "_cv")):
+            full = shares[method][1.0]
+            out[f"classify_rule{suffix}_share10_recovery_{task}"] = shares[method][0.1] / full if full > 0 else float(
+                "nan")
         if plots:
             plot_curve(r["curve"], plots / f"classify_f1_{task}.png", title=f"demo world: {task}")
             plot_curve(shares, plots / f"classify_share_{task}.png", title=f"demo world: {task}",
                        xlabel="share of the discovery pool")
     for method in next(iter(res.values()))["curve"]:
         out[f"classify_f1_{method}_16"] = statistics.fmean(out[f"classify_f1_{method}_16_{t}"] for t in TASKS)
-    out["classify_rule_share10_recovery"] = statistics.fmean(out[f"classify_rule_share10_recovery_{t}"] for t in TASKS)
+    for suffix in ("", "_cv"):
+        out[f"classify_rule{suffix}_share10_recovery"] = statistics.fmean(
+            out[f"classify_rule{suffix}_share10_recovery_{t}"] for t in TASKS)
     out["classify_f1_sae_rule_16"], out["classify_f1_dense_probe_16"] = \
         out.pop("classify_f1_sae_rule_16"), out.pop("classify_f1_dense_probe_16")
     print(f"\nmean over the four tasks at 16 seeds/class: rule {out['classify_f1_sae_rule_16']:.3f} (goal >= 0.90), "
-          f"rule with seed cuts {out['classify_f1_sae_rule_seed_threshold_16']:.3f}, dense probe "
+          f"rule with seed cuts {out['classify_f1_sae_rule_seed_threshold_16']:.3f}, rule with cut and K chosen by "
+          f"4-fold cross-validation on the seeds {out['classify_f1_sae_rule_cv_16']:.3f}, dense probe "
           f"{out['classify_f1_dense_probe_16']:.3f} (gap goal <= 3 points); 10% of the discovery pool keeps "
-          f"{out['classify_rule_share10_recovery']:.1%} of the rule's F1 (report: about 99%)")
+          f"{out['classify_rule_share10_recovery']:.1%} of the rule's F1 (report: about 99%; cross-validated rule "
+          f"{out['classify_rule_cv_share10_recovery']:.1%})")
     return out
 
 
-def bench_synthesize(world, sae, plots: Path | None) -> dict:
+def bench_synthesize(world, sae, plots: Path | None, rounds: int = SYNTH_ROUNDS) -> dict:
     model, tok = world.model, world.tokenizer
     setting = synthesis_setting(world)
     real = [d.text for d in setting["real"]]
@@ -157,7 +176,7 @@ def bench_synthesize(world, sae, plots: Path | None) -> dict:
           f"{len(reference)} reference docs; {len(targets)} targets")
     prompts = [p.text for p in world.prompts("train", "en")]
     result = synthesize(model, tok, sae, targets, prompts, reference=reference, strategy="both",
-                        per_target=SYNTH_ROUNDS)
+                        per_target=rounds)
     n90 = result.samples_to(0.9)
     random_prompts = random_contexts(tok, reference, UNGUIDED_CAP * (n90 or result.n_generated), seed=1)
     base = unguided(model, tok, sae, targets, random_prompts, len(random_prompts), stop_at=0.9, seed=1)
@@ -194,7 +213,9 @@ def bench_synthesize(world, sae, plots: Path | None) -> dict:
           f"{gain['gain']:+.3f} [{gain['ci'][0]:+.3f}, {gain['ci'][1]:+.3f}]")
     if plots:
         plot_synthesis(result, base, str(plots / "synthesis_coverage.png"))
-    return {"synth_targets": len(targets), "synth_coverage": result.coverage, "synth_coverage_unguided": matched,
+        plot_coverage_curves({"feature-targeted": result, "unguided": base}, plots / "synthesis_curves.png")
+    return {"synth_rounds": rounds, "synth_targets": len(targets), "synth_coverage": result.coverage,
+            "synth_coverage_unguided": matched,
             "synth_budget": result.n_generated, "synth_samples_to_90": n90, "synth_unguided_samples_to_90": base_n90,
             "synth_efficiency_samples_to_90": efficiency, "synth_downstream_gain": gain["gain"],
             "synth_downstream_gain_ci": gain["ci"],
@@ -202,13 +223,9 @@ def bench_synthesize(world, sae, plots: Path | None) -> dict:
                                                                    "real+targeted")}}
 
 
-def bench_redundancy(world, sae, plots: Path | None) -> dict:
-    docs = world.documents("heldout")
-    texts = [d.text for d in docs]
-    print(f"\n## redundancy: footprints and a family of 24 ablated models on {len(texts)} held-out documents")
-    prints = footprints(world.model, world.tokenizer, sae, texts, progress=False)
-    scores = model_family_scores(world, texts, progress=False)
-    per_benchmark = 48 if len(docs) >= 800 else 16
+def redundancy_draws(world, prints, scores, per_benchmark: int) -> dict:
+    """Over DRAWS draws of the benchmarks' documents: Spearman(R, performance-based redundancy), Spearman(overlap,
+    true overlap); with the first draw's report and performance-based redundancies."""
     rhos, overlap_rhos, first = [], [], None
     for draw in range(DRAWS):
         index, truth = world_benchmarks(world, per_benchmark=per_benchmark, seed=draw)
@@ -219,62 +236,104 @@ def bench_redundancy(world, sae, plots: Path | None) -> dict:
         pairs = sorted(truth)
         overlap_rhos.append(spearman([truth[p] for p in pairs],
                                      [float(report.overlap[pos[a], pos[b]]) for a, b in pairs]))
-        if first is None:
-            first = (report, perf)
-    report, perf = first
-    print(report.table())
-    print(f"\n{'benchmark':<12} {'R':>6} {'perf-R':>7}")
-    for name, r, p in zip(report.names, report.redundancy, perf):
-        print(f"{name:<12} {r:>6.3f} {p:>7.3f}")
+        first = first or (report, perf, truth)
     a, b = ASYMMETRIC_PAIR
+    report, perf, truth = first
     pos = {n: i for i, n in enumerate(report.names)}
     ab, ba = float(report.overlap[pos[a], pos[b]]), float(report.overlap[pos[b], pos[a]])
-    asymmetric = ab >= 2 * ba
-    print(f"Spearman(R, performance-based redundancy) over {len(report.names)} benchmarks: {rhos[0]:.3f} "
-          f"(goal >= 0.9); over {DRAWS} draws {statistics.fmean(rhos):.3f} ± {statistics.stdev(rhos):.3f} "
-          f"(min {min(rhos):.3f}, max {max(rhos):.3f})")
-    print(f"Spearman(overlap, true cell overlap) over the {len(truth)} ordered pairs: {overlap_rhos[0]:.3f}; "
-          f"over {DRAWS} draws {statistics.fmean(overlap_rhos):.3f} ± {statistics.stdev(overlap_rhos):.3f}")
-    print(f"asymmetric pair: overlap({a} -> {b}) = {ab:.2f}, overlap({b} -> {a}) = {ba:.2f} (true 1.00 / "
-          f"{truth[(b, a)]:.2f}; report GSM8K -> MATH 0.63, MATH -> GSM8K 0.10): "
-          f"{'reproduced' if asymmetric else 'not reproduced'} (goal: the first at least twice the second)")
-    if plots:
-        report.plot(plots / "redundancy_overlap.png")
-    return {"redundancy_benchmarks": len(report.names), "redundancy_spearman": rhos[0],
-            "redundancy_spearman_mean": statistics.fmean(rhos), "redundancy_spearman_std": statistics.stdev(rhos),
-            "redundancy_overlap_spearman": overlap_rhos[0],
-            "redundancy_overlap_spearman_mean": statistics.fmean(overlap_rhos),
-            "redundancy_asymmetric": [ab, ba], "redundancy_asymmetric_reproduced": asymmetric}
+    return {"rhos": rhos, "overlap_rhos": overlap_rhos, "report": report, "perf": perf, "truth": truth,
+            "asymmetric": (ab, ba)}
+
+
+def bench_redundancy(world, sae, plots: Path | None) -> dict:
+    docs = world.documents("heldout")
+    texts = [d.text for d in docs]
+    print(f"\n## redundancy: footprints and a family of 24 ablated models on {len(texts)} held-out documents")
+    feats = encode_texts(world.model, world.tokenizer, sae, texts, progress=False)
+    prints = {where: footprints_of(feats, where) for where in ("last", "any")}  # the report's, ours
+    scores = model_family_scores(world, texts, progress=False)
+    per_benchmark = 48 if len(docs) >= 800 else 16
+    a, b = ASYMMETRIC_PAIR
+    out = {}
+    for where, suffix in (("last", ""), ("any", "_any")):
+        r = redundancy_draws(world, prints[where], scores, per_benchmark)
+        rhos, overlap_rhos, report, perf, truth = r["rhos"], r["overlap_rhos"], r["report"], r["perf"], r["truth"]
+        ab, ba = r["asymmetric"]
+        print(f"\n### footprint at {'the last token (the report)' if where == 'last' else 'any token (ours)'}")
+        print(report.table())
+        print(f"\n{'benchmark':<12} {'R':>6} {'perf-R':>7}")
+        for name, red, p in zip(report.names, report.redundancy, perf):
+            print(f"{name:<12} {red:>6.3f} {p:>7.3f}")
+        asymmetric = ab >= 2 * ba
+        print(f"Spearman(R, performance-based redundancy) over {len(report.names)} benchmarks: {rhos[0]:.3f} "
+              f"(goal >= 0.9); over {DRAWS} draws {statistics.fmean(rhos):.3f} ± {statistics.stdev(rhos):.3f} "
+              f"(min {min(rhos):.3f}, max {max(rhos):.3f})")
+        print(f"Spearman(overlap, true cell overlap) over the {len(truth)} ordered pairs: {overlap_rhos[0]:.3f}; "
+              f"over {DRAWS} draws {statistics.fmean(overlap_rhos):.3f} ± {statistics.stdev(overlap_rhos):.3f}")
+        print(f"asymmetric pair: overlap({a} -> {b}) = {ab:.2f}, overlap({b} -> {a}) = {ba:.2f} (true 1.00 / "
+              f"{truth[(b, a)]:.2f}; report GSM8K -> MATH 0.63, MATH -> GSM8K 0.10): "
+              f"{'reproduced' if asymmetric else 'not reproduced'} (goal: the first at least twice the second)")
+        if plots:
+            report.plot(plots / f"redundancy_overlap{suffix}.png",
+                        title=f"overlap(row -> column), footprint at {where} token")
+        out |= {f"redundancy_spearman{suffix}": rhos[0], f"redundancy_spearman{suffix}_mean": statistics.fmean(rhos),
+                f"redundancy_spearman{suffix}_std": statistics.stdev(rhos),
+                f"redundancy_overlap_spearman{suffix}": overlap_rhos[0],
+                f"redundancy_overlap_spearman{suffix}_mean": statistics.fmean(overlap_rhos),
+                f"redundancy_asymmetric{suffix}": [ab, ba], f"redundancy_asymmetric{suffix}_reproduced": asymmetric}
+    return {"redundancy_benchmarks": len(report.names), **out}
 
 
 BENCHES = {"steer": bench_steer, "classify": bench_classify, "synthesize": bench_synthesize,
            "redundancy": bench_redundancy}
 
 
+def bench_world(size: str, seed: int, world_dir: str | None) -> World:
+    """The world to measure: a built folder, else the cached (or freshly built) world of ``size`` and ``seed``."""
+    if world_dir:
+        if seed:
+            raise SystemExit("error: --world-seed and --world-dir exclude each other (the folder fixes the seed)")
+        return World(world_dir)
+    if "seed" in inspect.signature(load_world).parameters:
+        return load_world(size, seed=seed)
+    if seed:
+        raise SystemExit(f"error: --world-seed {seed}: this version's world has no seed parameter (world seeds "
+                         "land with world v2, issue 16); only seed 0, the preset, can be measured")
+    return load_world(size)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--world", default="default", help="demo world size (default: default)")
-    parser.add_argument("--world-dir", default=None, help="a built world folder (instead of --world)")
+    parser.add_argument("--world-size", "--world", choices=SIZES, default="default",
+                        help="demo world size (default: default)")
+    parser.add_argument("--world-seed", type=int, default=0, help="world seed (default 0, the preset)")
+    parser.add_argument("--world-dir", default=None, help="a built world folder (instead of --world-size)")
     parser.add_argument("--only", default=",".join(BENCHES), help="comma-separated subset of " + ",".join(BENCHES))
     parser.add_argument("--plots", default=None, help="write PNG figures into this folder")
+    parser.add_argument("--synth-rounds", type=int, default=SYNTH_ROUNDS,
+                        help=f"synthesize: attempts per target at most (default {SYNTH_ROUNDS})")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
-    t0 = time.perf_counter()
-    world = World(args.world_dir) if args.world_dir else load_world(args.world)
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    if args.world_seed < 0:
+        raise SystemExit(f"error: --world-seed must be >= 0, got {args.world_seed}")
+    world = bench_world(args.world_size, args.world_seed, args.world_dir)
     sae = load_sae(world.sae_dir, layer=world.layer)
     plots = Path(args.plots) if args.plots else None
     if plots:
         plots.mkdir(parents=True, exist_ok=True)
     print(f"world at {world.path}: d_model={world.stats['d_model']}, SAE d_sae={sae.d_sae} "
           f"k={sae.k} at layer {world.layer}")
-    results = {}
+    results = {"world_size": world.stats.get("size", args.world_size), "world_seed": world.stats.get("seed", 0)}
     for name in args.only.split(","):
         if name not in BENCHES:
             raise SystemExit(f"error: unknown benchmark {name!r}; choose from {list(BENCHES)}")
-        t = time.perf_counter()
-        results |= BENCHES[name](world, sae, plots)
-        print(f"({name}: {time.perf_counter() - t:.0f}s)")
+        t, cpu = time.perf_counter(), time.process_time()
+        results |= BENCHES[name](world, sae, plots, **({"rounds": args.synth_rounds} if name == "synthesize" else {}))
+        # CPU seconds beside wall seconds: on a shared machine the wall time is mostly other jobs' load
+        print(f"({name}: {time.perf_counter() - t:.0f}s wall, {time.process_time() - cpu:.0f}s CPU)")
     results["seconds"] = round(time.perf_counter() - t0, 1)
+    results["cpu_seconds"] = round(time.process_time() - cpu0, 1)
     def clean(v):  # NaN (a measure that is undefined on this run) prints as null: the line stays strict JSON
         if isinstance(v, float):
             return None if v != v else round(v, 4)

@@ -105,7 +105,8 @@ def test_world_topics(world, tmp_path):
     ftest = encode_texts(world.model, world.tokenizer, sae, [d.text for d in test], progress=False)
     curve = few_shot_curve(sae, ftrain, [d.text for d in pool], [d.topic for d in pool], ftest,
                            [d.text for d in test], [d.topic for d in test], seeds_per_class=(2, 8), repeats=1)
-    assert set(curve) == {"sae_rule", "sae_rule_seed_threshold", "sae_logistic", "dense_probe", "tfidf_logistic"}
+    assert set(curve) == {"sae_rule", "sae_rule_seed_threshold", "sae_rule_cv", "sae_logistic", "dense_probe",
+                          "tfidf_logistic"}
     assert all(0 <= f <= 1 for per_n in curve.values() for f in per_n.values())
     with pytest.raises(ValueError, match="not enough training texts"):
         few_shot_curve(sae, ftrain, [d.text for d in pool], [d.topic for d in pool], ftest,
@@ -212,3 +213,57 @@ def test_world_tasks_and_share_curve(world):
     with pytest.raises(ValueError, match="shares must be in"):
         discovery_share_curve(sae, ftrain, [d.text for d in pool], [d.lang for d in pool], ftest,
                               [d.text for d in test], [d.lang for d in test], shares=(0.0,))
+
+
+def two_feature_class(n=48):
+    """Class "a" fires feature 3 on half its texts and feature 4 on the other half, "b" features 7 / 8 alike (so
+    the no-fire fallback cannot rescue K = 1); feature 1 fires weakly on every text."""
+    labels = ["a" if i % 2 == 0 else "b" for i in range(n)]
+    x = torch.zeros(n, D_SAE)
+    x[:, 1] = torch.tensor([0.3 if i % 4 else 0.1 for i in range(n)])
+    for i in range(n):
+        x[i, {0: 3, 2: 4, 1: 7, 3: 8}[i % 4]] = 1.0
+    return x, labels
+
+
+def test_cv_rule_selection_picks_the_smallest_k_that_generalises():
+    from qscope_rl.features.rule_selection import select_rule
+
+    x, labels = two_feature_class()
+    clf = select_rule(x, labels, toy_sae(), folds=4, seed=0)
+    assert clf.kind == "rule" and clf.predict(x) == labels
+    assert clf.selection["top_k"] == 2 and clf.selection["threshold"] == "zero"  # ties: the report's cut
+    assert clf.selection["cv_f1"] == pytest.approx(1.0)
+    assert {f for f, _ in clf.rules()["a"]} == {3, 4}
+    # the grid it chose from: K = 1 misses half of class "a" out of fold, so its cross-validated F1 is lower
+    assert clf.selection["grid"][("zero", 1)] < clf.selection["grid"][("zero", 2)]
+
+
+def test_cv_rule_selection_picks_a_seed_cut_when_zero_cannot_separate():
+    from qscope_rl.features.rule_selection import select_rule
+
+    n = 40
+    labels = ["a" if i % 2 == 0 else "b" for i in range(n)]
+    x = torch.zeros(n, D_SAE)
+    x[:, 1] = torch.tensor([2.0 if y == "a" else 0.2 for y in labels])
+    clf = select_rule(x, labels, toy_sae(), folds=4)
+    assert clf.selection["threshold"] == "seed" and clf.predict(x) == labels
+
+
+def test_cv_rule_selection_errors():
+    from qscope_rl.features.rule_selection import select_rule
+
+    x, labels = two_feature_class(n=8)  # 4 texts per class
+    with pytest.raises(ValueError, match="folds"):
+        select_rule(x, labels, toy_sae(), folds=5)
+    with pytest.raises(ValueError, match="folds"):
+        select_rule(x, labels, toy_sae(), folds=1)
+
+
+def test_few_shot_curve_has_the_cv_rule():
+    x, labels = two_feature_class()
+    sae = toy_sae()
+    feats = type("F", (), {"max_acts": x, "mean_hidden": torch.randn(len(x), 4)})()
+    curve = few_shot_curve(sae, feats, ["t"] * len(x), labels, feats, ["t"] * len(x), labels,
+                           seeds_per_class=(8,), repeats=2, methods=("sae_rule", "sae_rule_cv"))
+    assert curve["sae_rule_cv"][8] == pytest.approx(1.0)

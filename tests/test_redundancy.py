@@ -145,3 +145,17 @@ def test_world_benchmarks_and_model_family(world):
     scores = model_family_scores(world, texts, n_models=3, progress=False)
     assert scores.shape == (6, 3) and (scores.abs().sum(0) > 0).all()  # every ablation changes some loss
     torch.testing.assert_close(document_losses(world.model, world.tokenizer, texts), before)  # hooks gone
+
+
+def test_any_token_footprints_hold_the_last_token_and_every_firing_feature(world):
+    from qscope_rl.features.text_features import encode_texts
+
+    sae = load_sae(world.sae_dir, layer=world.layer)
+    texts = [d.text for d in world.documents("heldout")[:4]]
+    last = footprints(world.model, world.tokenizer, sae, texts, progress=False)
+    anywhere = footprints(world.model, world.tokenizer, sae, texts, where="any", progress=False)
+    max_acts = encode_texts(world.model, world.tokenizer, sae, texts, progress=False).max_acts
+    assert anywhere == [frozenset(torch.nonzero(row > 0).flatten().tolist()) for row in max_acts]
+    assert all(a <= b and len(b) > len(a) for a, b in zip(last, anywhere))
+    with pytest.raises(ValueError, match="where"):
+        footprints(world.model, world.tokenizer, sae, texts, where="first")

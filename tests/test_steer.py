@@ -142,15 +142,22 @@ def test_cli_steer(world, world_cache, zh_pack, monkeypatch, tmp_path, capsys):
         main(["steer", "--feature", "99999=1", "--prompt", "the"])
 
 
+def unedited_residual(world, n: int = 3):
+    """(SAE, tokenized held-out documents, the unedited residual at the SAE's layer on them)."""
+    from qscope_rl.hooks import capture_residual
+
+    sae = load_sae(world.sae_dir, layer=world.layer)
+    ids = world.tokenizer([d.text for d in world.documents("heldout")[:n]], return_tensors="pt", padding=True)
+    with torch.no_grad(), capture_residual(world.model, world.layer) as plain:
+        world.model(**ids)
+    return sae, ids, plain.last
+
+
 def test_conditional_steering_matches_a_reference_and_leaves_silent_positions_alone(world):
     """h' = h + (m - 1) * a_j(h) * d_j from a dense encode of the unedited residual; zero where j is silent."""
     from qscope_rl.hooks import capture_residual
 
-    sae = load_sae(world.sae_dir, layer=world.layer)
-    ids = world.tokenizer([d.text for d in world.documents("heldout")[:3]], return_tensors="pt", padding=True)
-    with torch.no_grad(), capture_residual(world.model, world.layer) as plain:
-        world.model(**ids)
-    h = plain.last
+    sae, ids, h = unedited_residual(world)
     acts = sae.encode(h)
     fired = (acts > 0).float().mean((0, 1))
     features = fired.argsort(descending=True)[3:6].tolist()  # fire on some positions, not all
@@ -177,3 +184,62 @@ def test_steering_protocol_choice():
     options = {"a": (0.95, 2.0), "b": (0.80, 1.2), "c": (0.60, 1.0)}
     assert choose(options, 1.5) == "b"  # the largest effect within the perplexity cap
     assert choose(options, 0.5) == "c"  # none within: the smallest perplexity ratio
+
+
+def test_pre_clamp_caps_the_pre_activation_and_leaves_the_rest_alone(world):
+    """h' = h - ReLU(pre_j(h) - v) / (e_j . d_j) * d_j: after the edit pre_j <= v; below v nothing changes."""
+    from qscope_rl.hooks import capture_residual
+
+    sae, ids, h = unedited_residual(world)
+    pre = sae.pre_acts(h)
+    feature = int((pre > 0).float().mean((0, 1)).argsort(descending=True)[5])  # above 0 on some positions only
+    cap = -0.5
+    with torch.no_grad(), steer(world.model, sae, {feature: cap}, mode="pre_clamp"), \
+            capture_residual(world.model, world.layer) as edited:
+        world.model(**ids)
+    after = sae.pre_acts(edited.last)[..., feature]
+    below = pre[..., feature] <= cap
+    assert below.any() and (~below).any()
+    assert float(after.max()) <= cap + 1e-4
+    torch.testing.assert_close(after[~below], torch.full_like(after[~below], cap), atol=1e-4, rtol=0)
+    torch.testing.assert_close(edited.last[below], h[below])
+    col = sae.W_dec[:, feature]
+    step = edited.last - h  # only along the feature's decoder column
+    torch.testing.assert_close(step - (step @ col)[..., None] * col / col.dot(col), torch.zeros_like(step),
+                               atol=1e-4, rtol=0)
+
+
+def test_grouped_steering_edits_each_groups_rows_with_its_own_features(world):
+    """The topic experiment's batching: one row-restricted hook per group, stacked, in one forward."""
+    import contextlib
+
+    from qscope_rl.demo.steering_experiment import _run_groups
+    from qscope_rl.hooks import capture_residual
+
+    sae = load_sae(world.sae_dir, layer=world.layer)
+    ids = world.tokenizer([d.text for d in world.documents("heldout")[:4]], return_tensors="pt", padding=True)
+    with torch.no_grad(), capture_residual(world.model, world.layer) as plain:
+        world.model(**ids)
+    groups = {(0, 1): {3: 5.0}, (2, 3): {7: -5.0}}
+    with torch.no_grad(), contextlib.ExitStack() as stack:
+        for rows, alphas in groups.items():
+            stack.enter_context(steer(world.model, sae, alphas, rows=rows))
+        with capture_residual(world.model, world.layer) as edited:
+            world.model(**ids)
+    for rows, alphas in groups.items():
+        (f, a), = alphas.items()
+        torch.testing.assert_close(edited.last[list(rows)], plain.last[list(rows)] + a * sae.W_dec[:, f],
+                                   atol=1e-4, rtol=1e-4)
+    prompts = world.prompts("heldout", "en")[:6]
+    runs = _run_groups(world, sae, [(prompts[:3], {3: 5.0}, None), (prompts[3:], None, world.topics[0])], "add",
+                       max_new_tokens=4)
+    assert set(runs[0]) == {"code_switch_rate", "perplexity"} and "topic_share" in runs[1]
+    assert not decoder_layer(world.model, world.layer)._forward_hooks  # every hook removed
+
+
+def test_generate_min_new_tokens(world):
+    prompts = [p.text for p in world.prompts("heldout", "en")[:4]]
+    fixed = generate(world.model, world.tokenizer, prompts, max_new_tokens=6, min_new_tokens=6, progress=False)
+    assert len(fixed) == 4 and all(c for c in fixed)
+    with pytest.raises(ValueError, match="min_new_tokens"):
+        generate(world.model, world.tokenizer, prompts, max_new_tokens=4, min_new_tokens=5)

@@ -175,3 +175,14 @@ def test_downstream_experiment_pieces(world):
     assert all(r["ci"][0] <= r["f1"] + 1e-9 or r["ci"][0] <= r["ci"][1] for k, r in result.items() if k[0] != "_")
     gain = gain_interval(result, "real+same", ["real", "real+none"])
     assert gain["ci"][0] <= gain["gain"] <= gain["ci"][1] or gain["ci"][0] == gain["ci"][1]
+
+
+def test_coverage_curves_plot(tmp_path):
+    from qscope_rl.tools.synthesize import SynthesisResult, plot_coverage_curves
+
+    guided = SynthesisResult([], [1, 2, 3, 4], [1, 2, 3, 4], 4, curve=[1, 2, 4, 4])
+    base = SynthesisResult([], [1, 2, 3, 4], [1, 2], 8, curve=[0, 1, 1, 1, 2, 2, 2, 2])
+    png = plot_coverage_curves({"targeted": guided, "unguided": base}, tmp_path / "curves.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match="recorded curve"):
+        plot_coverage_curves({"none": SynthesisResult([], [1], [], 0)}, tmp_path / "x.png")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import random
 
 TASKS = ("topic", "language", "switch", "loop")
+SHARE_METHODS = ("sae_rule", "sae_rule_seed_threshold", "sae_rule_cv")  # the rule variants on the share curve
 
 
 def task_label(task: str, doc) -> str:
@@ -70,7 +71,7 @@ def world_classification(world, sae, tasks=TASKS, *, seeds=(4, 16, 64), shares=(
         out[task] = {"classes": sorted({task_label(task, d) for d in pool}), "pool": len(pool), "test": len(test),
                      "curve": few_shot_curve(*args, seeds_per_class=usable, repeats=repeats, seed=seed),
                      "shares": discovery_share_curve(*args, shares=shares, repeats=repeats, seed=seed,
-                                                     methods=("sae_rule", "sae_rule_seed_threshold"))}
+                                                     methods=SHARE_METHODS)}
     return out
 
 

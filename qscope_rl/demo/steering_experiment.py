@@ -5,12 +5,15 @@ Fixed before any run:
   monolinguality pack), its top ``top`` features. Effect: the relative cut of the code-switch rate (Unicode
   script judge). Strengths: add at -light / -medium / -strong (alpha relative to each feature's contrastive
   activation difference), clamp to the same negative multiples, conditional at factor 0 (remove the feature where
-  it fires; no strength to choose).
+  it fires; no strength to choose), pre_clamp (ours) capping the pre-activation at 0 / -light / -medium.
 - topic steering: for each topic, its top ``top`` contrastive features, prompts of the other topics. Effect: the
   share of samples the world's topic judge puts on the target topic. Strengths: add at +medium / +strong /
   +20x, clamp to the same multiples, conditional at factor 2 / 4 / 10.
 - fluency cost (AxBench): the unsteered model's perplexity on the samples given their prompts, as a ratio to
   its perplexity on the unsteered samples of the same prompts.
+- prompts: code-switching on up to 128 development (training split) and 256 held-out English prompts (fewer
+  where the world has fewer); topics: all topics' prompts in one generate call, each topic's rows steered
+  toward it (a row-restricted hook per topic).
 - selection: each mode's strength is chosen on development prompts (training split): the largest effect whose
   perplexity ratio is within the cap (1.5 for code-switching, 3 for topics), else the smallest ratio; the
   headline mode is chosen among the modes by the same rule on the development prompts. Held-out prompts are
@@ -19,12 +22,13 @@ Fixed before any run:
 
 from __future__ import annotations
 
+import contextlib
 import random
 
 from .measures import steering_metrics, world_topic_pack
 
 CS_STRENGTHS = {"add": ("-light", "-medium", "-strong"), "clamp": ("-light", "-medium", "-strong"),
-                "conditional": (0.0,)}
+                "conditional": (0.0,), "pre_clamp": (0.0, "-light", "-medium")}
 TOPIC_STRENGTHS = {"add": ("medium", "strong", "20x"), "clamp": ("medium", "strong", "20x"),
                    "conditional": (2.0, 4.0, 10.0)}
 CS_CAP, TOPIC_CAP = 1.5, 3.0
@@ -47,17 +51,32 @@ def choose(options: dict, cap: float):
     return min(options, key=lambda k: options[k][1])
 
 
-def _run(world, sae, prompts, alphas: dict | None, mode: str, target_topic=None, max_new_tokens: int = 48):
+def _run_groups(world, sae, groups, mode: str, max_new_tokens: int = 48) -> list[dict]:
+    """One generate call for every group's prompts, each group's rows steered with its own features (a
+    ``steer`` restricted to its rows; None: unsteered), then each group judged on its own. ``groups``: a list of
+    (prompts, alphas or None, target topic or None). Every hook is removed on exit (ExitStack)."""
     from qscope_rl.tools.steered_generation import generate, steer
 
-    texts = [p.text for p in prompts]
     model, tok = world.model, world.tokenizer
-    if alphas is None:
-        completions = generate(model, tok, texts, max_new_tokens=max_new_tokens, progress=False)
-    else:
-        with steer(model, sae, alphas, mode=mode):
-            completions = generate(model, tok, texts, max_new_tokens=max_new_tokens, progress=False)
-    return steering_metrics(world, prompts, completions, model, tok, target_topic)
+    texts = [p.text for prompts, _, _ in groups for p in prompts]
+    with contextlib.ExitStack() as stack:
+        start = 0
+        for prompts, alphas, _ in groups:
+            if alphas is not None:
+                stack.enter_context(steer(model, sae, alphas, mode=mode, rows=range(start, start + len(prompts))))
+            start += len(prompts)
+        # one batch: the row restrictions index the whole call's rows
+        completions = generate(model, tok, texts, max_new_tokens=max_new_tokens, batch_size=len(texts),
+                               progress=False)
+    out, start = [], 0
+    for prompts, _, topic in groups:
+        out.append(steering_metrics(world, prompts, completions[start:start + len(prompts)], model, tok, topic))
+        start += len(prompts)
+    return out
+
+
+def _run(world, sae, prompts, alphas: dict | None, mode: str, target_topic=None, max_new_tokens: int = 48):
+    return _run_groups(world, sae, [(prompts, alphas, target_topic)], mode, max_new_tokens)[0]
 
 
 def unwanted_packs(world, lang: str = "en"):
@@ -69,7 +88,7 @@ def unwanted_packs(world, lang: str = "en"):
     return [packs[other] for other in langs if other != lang and other in packs]
 
 
-def code_switch_experiment(world, sae, n_dev: int = 64, n_test: int = 128, top: int = 8, log=print) -> dict:
+def code_switch_experiment(world, sae, n_dev: int = 128, n_test: int = 256, top: int = 8, log=print) -> dict:
     dev = world.prompts("train", "en")[:n_dev]
     test = world.prompts("heldout", "en")[:n_test]
     packs = unwanted_packs(world, "en")
@@ -117,15 +136,19 @@ def topic_experiment(world, sae, n_dev: int = 24, n_test: int = 64, top: int = 8
         split[t] = (rng.sample([p for p in world.prompts("train") if p.topic != t], n_dev),
                     rng.sample([p for p in world.prompts("heldout") if p.topic != t], n_test))
 
-    bases = {(which, t): _run(world, sae, split[t][which], None, "add", t) for which in (0, 1) for t in world.topics}
+    bases = {}
+    for which in (0, 1):  # all topics' prompts in one call
+        runs = _run_groups(world, sae, [(split[t][which], None, t) for t in world.topics], "add")
+        bases |= {(which, t): m for t, m in zip(world.topics, runs)}
 
     def mean_effect(which: int, mode: str | None, strength) -> tuple[float, float, dict]:
-        shares, ratios = [], []
-        for t in world.topics:
-            prompts, base = split[t][which], bases[which, t]
-            m = base if mode is None else _run(world, sae, prompts, alphas_for(packs[t], mode, strength, top), mode, t)
-            shares.append(m["topic_share"])
-            ratios.append(m["perplexity"] / base["perplexity"])
+        if mode is None:
+            runs = [bases[which, t] for t in world.topics]
+        else:  # every topic's prompts in one call, each topic's rows steered toward it
+            runs = _run_groups(world, sae, [(split[t][which], alphas_for(packs[t], mode, strength, top), t)
+                                            for t in world.topics], mode)
+        shares = [m["topic_share"] for m in runs]
+        ratios = [m["perplexity"] / bases[which, t]["perplexity"] for t, m in zip(world.topics, runs)]
         return sum(shares) / len(shares), sum(ratios) / len(ratios), {"per_topic": shares}
 
     chosen, dev_rows = {}, {}

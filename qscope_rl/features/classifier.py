@@ -88,6 +88,7 @@ class FeatureClassifier:
     # rule: ids_<c> (K,) feature ids, weights_<c> (K,) P(fire|c) - P(fire|rest), thresholds_<c> (K,) (0: > 0)
     # logistic: coef (C, d_sae), intercept (C,), mean (d_sae,), scale (d_sae,)
     features: str = "max_acts"  # how its per-text input was pooled ("tail_mean:<n>": `qscope_rl.features.probe`)
+    selection: dict = field(default_factory=dict, repr=False)  # how `rule_selection.select_rule` chose it; not saved
 
     # -- fitting --------------------------------------------------------------------------------------
 

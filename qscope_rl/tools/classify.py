@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from qscope_rl.features.classifier import ClassifierError, FeatureClassifier, fit_ovr_logistic, macro_f1
+from qscope_rl.features.rule_selection import select_rule
 from qscope_rl.features.text_features import encode_texts
 from qscope_rl.plots import pyplot, save_figure
 from qscope_rl.sae.autoencoder import SparseAutoencoder
@@ -39,8 +40,10 @@ def fit_classifier(model, tokenizer, sae: SparseAutoencoder, texts: Sequence[str
 # -- measuring: macro-F1 against the number of seeds, beside the usual probing baselines --------------
 
 # sae_rule: the Qwen-Scope rule as reported (fires = max activation > 0); sae_rule_seed_threshold: the same OR
-# rule with each feature's firing cut chosen on the seeds (ours, see qscope_rl.features.classifier)
-METHODS = ("sae_rule", "sae_rule_seed_threshold", "sae_logistic", "dense_probe", "tfidf_logistic")
+# rule with each feature's firing cut chosen on the seeds (ours, see qscope_rl.features.classifier);
+# sae_rule_cv: the rule with its cut and K chosen by cross-validation on the seeds (ours, features.rule_selection)
+METHODS = ("sae_rule", "sae_rule_seed_threshold", "sae_rule_cv", "sae_logistic", "dense_probe", "tfidf_logistic")
+CV_FOLDS = 4
 
 
 def few_shot_curve(sae: SparseAutoencoder, train, train_texts: Sequence[str], train_labels: Sequence[str],
@@ -102,6 +105,9 @@ def _curve(sae, train, train_texts, train_labels, test, test_texts, test_labels,
 
 
 def _fit_predict(method, sae, train, train_texts, idx, labels, test, test_texts) -> list[str]:
+    if method == "sae_rule_cv":
+        folds = min(CV_FOLDS, min(labels.count(c) for c in set(labels)))
+        return select_rule(train.max_acts[idx], labels, sae, folds=folds).predict(test.max_acts)
     if method.startswith("sae_"):
         kind = "logistic" if method == "sae_logistic" else "rule"
         threshold = "seed" if method == "sae_rule_seed_threshold" else "zero"

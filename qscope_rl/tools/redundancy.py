@@ -14,6 +14,8 @@ benchmark's footprint F(D) is the union over its samples.
 - performance-based redundancy (what R is checked against): given per-sample scores of several models, how
   well a random n-subset's mean scores already reproduce the whole benchmark's, as the expected Pearson
   correlation across models of the two score vectors, averaged over n = 1..N (``performance_redundancy``).
+- footprints at any token (``footprints(..., where="any")``, ours): the features active anywhere in a sample,
+  for samples (whole documents) whose last token says little about the rest.
 """
 
 from __future__ import annotations
@@ -30,10 +32,24 @@ from qscope_rl.features.text_features import encode_texts
 from qscope_rl.plots import pyplot, save_figure
 from qscope_rl.sae.autoencoder import SparseAutoencoder
 
+FOOTPRINTS = ("last", "any")
 
-def footprints(model, tokenizer, sae: SparseAutoencoder, texts: Sequence[str], **kwargs) -> list[frozenset[int]]:
-    """Per text, the features active at its last token (its Qwen-Scope footprint)."""
-    feats = encode_texts(model, tokenizer, sae, texts, desc="redundancy: encode", **kwargs)
+
+def footprints(model, tokenizer, sae: SparseAutoencoder, texts: Sequence[str], *, where: str = "last",
+               **kwargs) -> list[frozenset[int]]:
+    """Per text, the features active at its last token (``where="last"``, its Qwen-Scope footprint), or at any
+    of its tokens (``where="any"``, ours: a document's content, not only how it ends)."""
+    if where not in FOOTPRINTS:
+        raise ValueError(f"unknown footprint where={where!r}; expected one of {FOOTPRINTS}")
+    return footprints_of(encode_texts(model, tokenizer, sae, texts, desc="redundancy: encode", **kwargs), where)
+
+
+def footprints_of(feats, where: str = "last") -> list[frozenset[int]]:
+    """``footprints`` from already encoded ``TextFeatures``."""
+    if where not in FOOTPRINTS:
+        raise ValueError(f"unknown footprint where={where!r}; expected one of {FOOTPRINTS}")
+    if where == "any":
+        return [frozenset(torch.nonzero(row > 0).flatten().tolist()) for row in feats.max_acts]
     return [frozenset(s) for s in feats.last_footprints()]
 
 

@@ -97,15 +97,20 @@ def sampling_kwargs(temperature: float) -> dict:
 
 @torch.no_grad()
 def generate(model: nn.Module, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 48,
-             temperature: float = 1.0, seed: int = 0, batch_size: int = 64, progress: bool = True) -> list[str]:
+             temperature: float = 1.0, seed: int = 0, batch_size: int = 64, progress: bool = True,
+             min_new_tokens: int = 0) -> list[str]:
     """Completions (only) of ``prompts``: batched ``generate`` with left padding, pure ancestral sampling
     (no top-k / top-p; temperature 0 = greedy). Seeded without touching the global RNG, so a steered and
-    an unsteered call with the same seed draw the same random numbers."""
+    an unsteered call with the same seed draw the same random numbers. ``min_new_tokens``: no end-of-text
+    before that many tokens (``min_new_tokens=max_new_tokens`` makes every call decode the same number of
+    steps, as a throughput comparison needs)."""
     if isinstance(prompts, str) or not prompts:
         raise ValueError("generate needs a non-empty list of prompts")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    sampling = sampling_kwargs(temperature)
+    if not 0 <= min_new_tokens <= max_new_tokens:
+        raise ValueError(f"min_new_tokens must be in [0, max_new_tokens={max_new_tokens}], got {min_new_tokens}")
+    sampling = sampling_kwargs(temperature) | ({"min_new_tokens": min_new_tokens} if min_new_tokens else {})
     _check_context(model, tokenizer, prompts, max_new_tokens)
     side, tokenizer.padding_side = tokenizer.padding_side, "left"  # decoder-only models generate from the left
     device = next(model.parameters()).device

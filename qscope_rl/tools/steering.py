@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from qscope_rl.hooks import ResidualEdit, hidden_size
 from qscope_rl.sae.autoencoder import SparseAutoencoder
 
-MODES = ("add", "clamp", "conditional")
+MODES = ("add", "clamp", "conditional", "pre_clamp")
 
 
 def _as_items(features: Mapping[int, float] | Iterable[tuple[int, float]]) -> list[tuple[int, float]]:
@@ -69,7 +69,28 @@ class _ScaleWhereFiring(_ClampFeatures):
         return (((self.values - 1) * current) @ self.columns).to(hidden.device)
 
 
-_DELTAS = {"add": _AddFeatures, "clamp": _ClampFeatures, "conditional": _ScaleWhereFiring}
+class _CapPreActivation(_ClampFeatures):
+    """delta = -sum_j ReLU(pre_j(h) - v_j) / (e_j . d_j) * d_j: zero wherever pre_j(h) <= v_j."""
+
+    def __init__(self, sae: SparseAutoencoder, items: list[tuple[int, float]]):
+        super().__init__(sae, items)
+        self.rows = sae.W_enc[self.ids]  # (f, d_in)
+        self.gain = (self.rows * self.columns).sum(1)  # e_j . d_j: how much a unit step along d_j moves pre_j
+        bad = [int(f) for f, g in zip(self.ids.tolist(), self.gain.tolist()) if g <= 1e-6]
+        if bad:
+            raise ValueError(f"pre_clamp cannot lower features {bad}: their decoder column does not raise their "
+                             "own pre-activation (e_j . d_j <= 0)")
+        self.bias = sae.b_enc[self.ids] - (self.rows @ sae.b_dec if sae.apply_b_dec_to_input else 0)
+
+    @torch.no_grad()
+    def __call__(self, hidden: Tensor) -> Tensor:
+        pre = hidden.to(self.rows.dtype).to(self.rows.device) @ self.rows.T + self.bias  # (B, T, f)
+        excess = (pre - self.values).clamp(min=0) / self.gain
+        return (-excess @ self.columns).to(hidden.device)
+
+
+_DELTAS = {"add": _AddFeatures, "clamp": _ClampFeatures, "conditional": _ScaleWhereFiring,
+           "pre_clamp": _CapPreActivation}
 
 
 def steer(
@@ -86,7 +107,8 @@ def steer(
 
     ``features`` maps feature id to strength: alpha for ``mode="add"``, the target activation for
     ``mode="clamp"``, the factor on the feature's decoded contribution where it fires for ``mode="conditional"``
-    (0 ablates it; it must be >= 0). ``rows`` / ``positions`` restrict the edit to some batch rows / token positions
+    (0 ablates it; it must be >= 0), the ceiling on its pre-activation for ``mode="pre_clamp"``.
+    ``rows`` / ``positions`` restrict the edit to some batch rows / token positions
     (see ``ResidualEdit``). Example::
 
         with steer(model, sae, {1234: -8.0}):  # suppress feature 1234

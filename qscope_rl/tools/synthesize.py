@@ -330,3 +330,23 @@ def plot_synthesis(result: SynthesisResult, base: SynthesisResult | None, path: 
         ax.text(i, v + 0.02, f"{v:.0%}", ha="center")
     ax.set(ylim=(0, 1.1), ylabel=f"share of {len(result.targets)} target features covered")
     save_figure(fig, path)
+
+
+def plot_coverage_curves(results: dict[str, SynthesisResult], path: str | os.PathLike, goal: float = 0.9) -> Path:
+    """Share of the targets covered against samples generated, one line per method (log x), the ``goal``
+    share dashed: where each line crosses it is its ``samples_to(goal)``."""
+    empty = [name for name, r in results.items() if not r.curve]
+    if not results or empty:
+        raise ValueError(f"coverage curves need results with a recorded curve; empty: {empty or list(results)}")
+    plt = pyplot()
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for name, r in results.items():
+        n = max(len(r.targets), 1)
+        ax.plot(range(1, len(r.curve) + 1), [c / n for c in r.curve], label=f"{name} ({len(r.curve)} samples)")
+    ax.axhline(goal, ls="--", color="gray", lw=1)
+    targets = len(next(iter(results.values())).targets)
+    ax.set(xscale="log", xlabel="samples generated", ylabel=f"share of {targets} targets covered", ylim=(0, 1.02))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return save_figure(fig, path)
