@@ -73,7 +73,10 @@ def test_resume_restores_the_guard_the_trainer_rewards_with(world, pack_files, t
     guard = make_world_guard(pack_files)
     resumed = grpo(world, pack_files, tmp_path, guard, max_steps=2,
                    restore_callback_states_from_checkpoint=restore_callbacks)
-    resumed.train(resume_from_checkpoint=str(checkpoint))  # already at max_steps: restores, trains nothing
-    assert guard.state() == first_guard.state()
+    restored = []  # the guard's state right after the restore (GRPO may still score one batch after it)
+    load_state = guard.load_state
+    guard.load_state = lambda state: (load_state(state), restored.append(guard.state()))
+    resumed.train(resume_from_checkpoint=str(checkpoint))  # already at max_steps
+    assert restored == [first_guard.state()]
     assert resumed.reward_funcs[0] is guard
     assert [cb for cb in resumed.callback_handler.callbacks if isinstance(cb, RewardHackingGuard)] == [guard]
