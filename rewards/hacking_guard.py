@@ -13,14 +13,16 @@ import warnings
 from collections import deque
 
 from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
 
 from ._sync import gather_floats
 from .normalized import build_reward
 
 ON_TRIP = ("warn", "stop")
+_SETTINGS = ("sae_drop", "judged_drop", "baseline_rollouts", "window_rollouts", "fire_threshold", "on_trip")
 
 
-class RewardHackingGuard(TrainerCallback):
+class RewardHackingGuard(TrainerCallback, ExportableState):
     """``penalty``'s rewards, unchanged, with the rate at which it fires watched against ``judge``'s.
 
     A rollout counts as SAE-flagged when the penalty's reward is below ``-fire_threshold`` and as judged-flagged
@@ -39,6 +41,12 @@ class RewardHackingGuard(TrainerCallback):
     ``tripped`` (0 or 1). Every process sees every process's flags, so every rank decides alike.
 
     ``penalty`` and ``judge`` may be registry names built with ``penalty_kwargs`` / ``judge_kwargs`` (recipes).
+
+    Checkpoints: the guard is an ``ExportableState`` (transformers' stateful-callback convention), so every
+    checkpoint's ``trainer_state.json`` holds its `state` (settings, baseline and window flags, tripped). The SAE
+    trainers put it back into this same guard on resume (`load_state`; not needing
+    ``restore_callback_states_from_checkpoint``, whose rebuild by ``type(cb)(**args)`` cannot rebuild the penalty
+    and judge), so a resumed run decides as the uninterrupted one would. Elsewhere: `from_state`.
 
     Example::
 
@@ -62,7 +70,7 @@ class RewardHackingGuard(TrainerCallback):
             raise TypeError("penalty and judge must be reward functions")
         self.penalty, self.judge, self.on_trip = penalty, judge, on_trip
         self.sae_drop, self.judged_drop, self.fire_threshold = sae_drop, judged_drop, fire_threshold
-        self.baseline_rollouts = baseline_rollouts
+        self.baseline_rollouts, self.window_rollouts = baseline_rollouts, window_rollouts
         self.__name__ = getattr(penalty, "__name__", type(penalty).__name__)
         self.feature_pack = getattr(penalty, "feature_pack", None)  # checked against the SAE like the penalty's
         self.probe = getattr(penalty, "probe", None)
@@ -106,6 +114,37 @@ class RewardHackingGuard(TrainerCallback):
         self.metrics = metrics
         return metrics
 
+    def state(self) -> dict:
+        """JSON-able settings and running state, in transformers' ``{"args", "attributes"}`` layout."""
+        code = lambda flags: [int(s) + 2 * int(j) for s, j in flags]  # noqa: E731
+        return {"args": {name: getattr(self, name) for name in _SETTINGS},
+                "attributes": {"penalty": self.__name__, "baseline": code(self._baseline),
+                               "recent": code(self._recent), "tripped": self.tripped, "metrics": dict(self.metrics)}}
+
+    @classmethod
+    def from_state(cls, state: dict, penalty, judge, **kwargs) -> RewardHackingGuard:
+        """A guard on ``penalty`` and ``judge`` with the settings and running state of `state`'s."""
+        _check_state(state)
+        guard = cls(penalty, judge, **(state["args"] | kwargs))
+        guard.load_state(state)
+        return guard
+
+    def load_state(self, state: dict) -> None:
+        """Continue from `state` (a checkpoint's); refused if it was saved with other settings or penalty."""
+        _check_state(state)
+        attributes = state["attributes"]
+        if attributes["penalty"] != self.__name__:
+            raise ValueError(f"this is the state of the guard on {attributes['penalty']!r}, not on {self.__name__!r}")
+        for name in _SETTINGS:
+            saved, now = state["args"].get(name), getattr(self, name)
+            if saved != now:
+                raise ValueError(f"RewardHackingGuard {self.__name__!r}: saved with {name}={saved}, now {now}; "
+                                 f"resume with the run's settings (a changed rule would not decide as it did)")
+        decode = lambda codes: [(bool(c & 1), bool(c & 2)) for c in codes]  # noqa: E731
+        self._baseline = decode(attributes["baseline"])
+        self._recent = deque(decode(attributes["recent"]), maxlen=self.window_rollouts)
+        self.tripped, self.metrics = bool(attributes["tripped"]), dict(attributes["metrics"])
+
     def _trip(self, s: float, s0: float, j: float, j0: float) -> None:
         if self.tripped:
             return
@@ -119,6 +158,31 @@ class RewardHackingGuard(TrainerCallback):
         if self.tripped and self.on_trip == "stop":
             control.should_training_stop = True
         return control
+
+
+def restore_guards(callbacks, saved) -> None:
+    """Load a checkpoint's ``stateful_callbacks["RewardHackingGuard"]`` (one state, or a list) into the guards
+    among ``callbacks``, matched by penalty name; for a name, its last saved states (transformers appends a
+    list of same-class states on each save instead of replacing it)."""
+    states = saved if isinstance(saved, list) else [saved]
+    for state in states:
+        _check_state(state)
+    guards = [cb for cb in callbacks if isinstance(cb, RewardHackingGuard)]
+    for name in dict.fromkeys(g.__name__ for g in guards):
+        mine = [g for g in guards if g.__name__ == name]
+        found = [s for s in states if s["attributes"]["penalty"] == name][-len(mine):]
+        if len(found) < len(mine):
+            warnings.warn(f"the checkpoint holds no state for {len(mine) - len(found)} reward-hacking guard(s) on "
+                          f"{name!r}: they start afresh (a new baseline)", UserWarning, stacklevel=2)
+        for guard, state in zip(mine[len(mine) - len(found):], found):
+            guard.load_state(state)
+
+
+def _check_state(state) -> None:
+    if not (isinstance(state, dict) and isinstance(state.get("args"), dict)
+            and {"penalty", "baseline", "recent", "tripped", "metrics"} <= set(state.get("attributes") or {})):
+        raise ValueError(f"not a RewardHackingGuard state (expected 'args' and 'attributes' as its state() "
+                         f"writes): {str(state)[:120]}")
 
 
 def _rate(flags) -> float:

@@ -38,3 +38,28 @@ def packs(pack_files):
     from qscope_rl.features.feature_pack import FeaturePack
 
     return {name: FeaturePack.load(path) for name, path in pack_files.items()}
+
+
+@pytest.fixture
+def user_model_and_sae(tmp_path):
+    """A user's set-up on disk, as the CLI reads it: a Qwen3 model folder (a BPE tokenizer of EN + ZH inside) and a
+    Qwen-Scope-layout SAE folder holding `tiny_models.random_sae()`. Returns (model_dir, sae_dir)."""
+    import torch
+    import transformers as tf
+    from tiny_models import EN, HIDDEN, LAYER, ZH, random_sae
+
+    from qscope_rl.world.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(EN * 5 + ZH * 5, vocab_size=300)
+    torch.manual_seed(0)
+    model = tf.Qwen3ForCausalLM(tf.Qwen3Config(vocab_size=len(tok), hidden_size=HIDDEN, intermediate_size=64,
+                                               num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                                               head_dim=8))
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    sae = random_sae()
+    sae_dir = tmp_path / "SAE-Res-tiny-W80-L0_6"
+    sae_dir.mkdir()
+    torch.save({n: getattr(sae, n).detach() for n in ("W_enc", "b_enc", "W_dec", "b_dec")},
+               sae_dir / f"layer{LAYER}.sae.pt")
+    return tmp_path / "model", sae_dir

@@ -3,34 +3,20 @@
 import json
 
 import pytest
-import torch
 import transformers as tf
-from test_discovery import EN, LAYER, ZH, random_sae
-from tiny_models import HIDDEN
+from tiny_models import EN, HIDDEN, LAYER, ZH
 
 from qscope_rl.cli import main
 
 
 @pytest.fixture
-def user_files(tmp_path):
-    """A user's set-up: a model folder, a Qwen-Scope-layout SAE folder, and one text file per language."""
-    from qscope_rl.world.tokenizer import train_tokenizer
-
-    tok = train_tokenizer(EN * 5 + ZH * 5, vocab_size=300)
-    torch.manual_seed(0)
-    model = tf.Qwen3ForCausalLM(tf.Qwen3Config(vocab_size=len(tok), hidden_size=HIDDEN, intermediate_size=64,
-                                               num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-                                               head_dim=8))
-    model.save_pretrained(tmp_path / "model")
-    tok.save_pretrained(tmp_path / "model")
-    sae = random_sae()
-    sae_dir = tmp_path / "SAE-Res-tiny-W80-L0_6"
-    sae_dir.mkdir()
-    torch.save({n: getattr(sae, n).detach() for n in ("W_enc", "b_enc", "W_dec", "b_dec")},
-               sae_dir / f"layer{LAYER}.sae.pt")
-    (tmp_path / "en.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in EN))
-    (tmp_path / "zh.txt").write_text("\n".join(ZH))
-    return tmp_path, sae_dir
+def user_files(user_model_and_sae):
+    """The user's model and SAE folders (conftest) and one text file per language beside them."""
+    model_dir, sae_dir = user_model_and_sae
+    folder = model_dir.parent
+    (folder / "en.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in EN))
+    (folder / "zh.txt").write_text("\n".join(ZH))
+    return folder, sae_dir
 
 
 def dry_run(capsys, *argv):

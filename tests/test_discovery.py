@@ -3,7 +3,7 @@
 import pytest
 import torch
 from sklearn.metrics import roc_auc_score
-from tiny_models import HIDDEN, tiny_model
+from tiny_models import D_SAE, EN, HIDDEN, LAYER, ZH, K, random_sae, tiny_model
 from torch.testing import assert_close
 
 from qscope_rl import SparseAutoencoder, capture_residual, load_sae
@@ -15,8 +15,6 @@ from qscope_rl.features.discovery import (
     make_loops,
 )
 
-D_SAE, K, LAYER = 80, 6, 1
-
 
 class CharTokenizer:
     """One token per character (ids 1..63), no special tokens; pad 0."""
@@ -27,20 +25,9 @@ class CharTokenizer:
         return {"input_ids": [[ord(c) % 63 + 1 for c in t][:max_length] for t in texts]}
 
 
-def random_sae(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    weights = {"W_enc": torch.randn(D_SAE, HIDDEN, generator=g), "b_enc": torch.randn(D_SAE, generator=g) * 0.1,
-               "W_dec": torch.randn(HIDDEN, D_SAE, generator=g), "b_dec": torch.zeros(HIDDEN)}
-    return SparseAutoencoder.from_weights(weights, architecture="topk", k=K, layer=LAYER, source="random")
-
-
 @pytest.fixture(scope="module")
 def tiny():
     return tiny_model("qwen3"), CharTokenizer(), random_sae()
-
-
-EN = ["hello there world", "the cat sat on the mat", "a b c d e", "quick brown fox"]
-ZH = ["你好世界", "猫坐在垫子上", "今天天气很好"]
 
 
 def dense_reference(model, tok, sae, texts):
@@ -162,42 +149,28 @@ def test_world_language_features_separate_heldout_text(world):
 # -- the command line, on a real (tiny, random) HF model folder --------------------------------------
 
 
-def test_cli_discovers_language_and_contrastive_packs(tmp_path, capsys):
+def test_cli_discovers_language_and_contrastive_packs(user_model_and_sae, tmp_path, capsys):
     import argparse
     import json
 
-    import transformers as tf
-
     from qscope_rl.cli.features import register
     from qscope_rl.features.feature_pack import FeaturePack
-    from qscope_rl.world.tokenizer import train_tokenizer
 
-    tok = train_tokenizer(EN * 5 + ZH * 5, vocab_size=300)
-    torch.manual_seed(0)
-    model = tf.Qwen3ForCausalLM(tf.Qwen3Config(vocab_size=len(tok), hidden_size=HIDDEN, intermediate_size=64,
-                                               num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-                                               head_dim=8))
-    model.save_pretrained(tmp_path / "model")
-    tok.save_pretrained(tmp_path / "model")
-    sae = random_sae()
-    (tmp_path / "SAE-Res-tiny-W80-L0_6").mkdir()
-    torch.save({n: getattr(sae, n).detach() for n in ("W_enc", "b_enc", "W_dec", "b_dec")},
-               tmp_path / "SAE-Res-tiny-W80-L0_6" / f"layer{LAYER}.sae.pt")
+    model_dir, sae_dir = user_model_and_sae
     (tmp_path / "texts.jsonl").write_text("\n".join(json.dumps({"text": t, "lang": lang}) for lang, texts in
                                                     (("en", EN), ("zh", ZH)) for t in texts))
     (tmp_path / "pos.txt").write_text("\n".join(ZH))
     (tmp_path / "neg.txt").write_text("\n".join(EN))
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers())
-    sae_dir = str(tmp_path / "SAE-Res-tiny-W80-L0_6")
-    common = ["--model", str(tmp_path / "model"), "--sae", sae_dir, "--layer", str(LAYER), "--top-k", "4"]
+    common = ["--model", str(model_dir), "--sae", str(sae_dir), "--layer", str(LAYER), "--top-k", "4"]
     args = parser.parse_args(["features", "discover", "language", *common, "--texts", str(tmp_path / "texts.jsonl"),
                               "--out", str(tmp_path / "packs")])
     assert args.func(args) == 0
     out = capsys.readouterr().out
     assert "language-zh (language)" in out and "mean_pre" in out
     zh = FeaturePack.load(tmp_path / "packs" / "language-zh.json")
-    zh.check_compatible(sae)
+    zh.check_compatible(random_sae())
     assert zh.layer == LAYER and 0 < len(zh) <= 4 and zh.data["n_texts"] == {"en": 4, "zh": 3}
     args = parser.parse_args(["features", "discover", "contrastive", *common, "--positive", str(tmp_path / "pos.txt"),
                               "--negative", str(tmp_path / "neg.txt"), "--json"])

@@ -1,4 +1,4 @@
-"""Tiny random models of every family the hooks support, for table-driven tests."""
+"""Tiny random models of every family the hooks support, for table-driven tests; a tiny random SAE and texts."""
 
 from __future__ import annotations
 
@@ -44,3 +44,18 @@ FAMILIES = {
 def tiny_model(family: str = "qwen3", seed: int = 0):
     torch.manual_seed(seed)
     return FAMILIES[family]().eval()
+
+
+D_SAE, K, LAYER = 80, 6, 1
+EN = ["hello there world", "the cat sat on the mat", "a b c d e", "quick brown fox"]
+ZH = ["你好世界", "猫坐在垫子上", "今天天气很好"]
+
+
+def random_sae(seed: int = 0):
+    """A random TopK SAE (d_in HIDDEN, D_SAE features, k K) on layer LAYER."""
+    from qscope_rl import SparseAutoencoder
+
+    g = torch.Generator().manual_seed(seed)
+    weights = {"W_enc": torch.randn(D_SAE, HIDDEN, generator=g), "b_enc": torch.randn(D_SAE, generator=g) * 0.1,
+               "W_dec": torch.randn(HIDDEN, D_SAE, generator=g), "b_dec": torch.zeros(HIDDEN)}
+    return SparseAutoencoder.from_weights(weights, architecture="topk", k=K, layer=LAYER, source="random")

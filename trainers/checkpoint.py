@@ -32,9 +32,11 @@ SIDECAR_VERSION = 2
 TRAINER_STATE = "trainer_state.json"  # transformers writes it last: its presence marks a complete checkpoint
 ALLOW_MISSING_ENV = "QSCOPE_RL_RESUME_WITHOUT_SIDECAR"
 _METHOD_PREFIXES = ("sae_", "aux_loss_", "amplify_", "sasft_")
-_NOT_METHOD = ("sae_source", "sae_layer", "sae_capture", "sae_log_top_features")  # recorded apart / no effect
+_NOT_METHOD = ("sae_source", "sae_layer", "sae_id", "sae_capture",  # recorded apart (sae_id: in sae_digest)
+               "sae_log_top_features")  # no effect
 _CHECKED = ("sae_source", "sae_layer", "sae_k", "sae_d_sae", "sae_digest", "packs", "repetition_probe_sha256",
             "method")
+GUARD_STATE = "RewardHackingGuard"  # its key in trainer_state.json's stateful_callbacks
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -138,6 +140,21 @@ class SAECheckpointMixin:
         if unchecked:
             warnings.warn(f"{path} was written by an older qscope-rl and does not record {unchecked}: those were "
                           f"not checked on resume", UserWarning, stacklevel=3)
+
+    def _load_callback_state(self) -> None:
+        # Reward-hacking guards are rewards too: back into the same objects, always (transformers would rebuild
+        # callbacks, only when asked, by type(cb)(**args), which cannot rebuild a guard's penalty and judge).
+        from qscope_rl.rewards.hacking_guard import restore_guards
+
+        stored = self.state.stateful_callbacks
+        saved = stored.pop(GUARD_STATE, None)
+        if saved is not None:
+            restore_guards(self.callback_handler.callbacks, saved)
+        try:
+            super()._load_callback_state()
+        finally:
+            if saved is not None:  # the next save updates this entry in place
+                stored[GUARD_STATE] = saved
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         checkpoint = self._resume_target(resume_from_checkpoint)

@@ -24,6 +24,11 @@ class SAESourceArguments:
                   "None disables every SAE feature: the trainer is its TRL parent."},
     )
     sae_layer: int | None = field(default=None, metadata={"help": "Decoder layer whose output the SAE reads."})
+    sae_id: str | None = field(
+        default=None,
+        metadata={"help": "SAELens' name of one SAE in sae_source (SAE.from_pretrained(release, sae_id)): "
+                  "'layer14' for Qwen-Scope (sets sae_layer), or the subfolder of cfg.json in a SAELens-format repo."},
+    )
     sae_k: int | None = field(default=None, metadata={"help": "Override the SAE's k (TopK)."})
     sae_dtype: str | None = field(
         default=None, metadata={"help": "dtype of the frozen SAE (float32, bfloat16); default: as stored."})
@@ -31,6 +36,29 @@ class SAESourceArguments:
     def validate_sae_source(self) -> None:
         if self.sae_dtype not in SAE_DTYPES:
             raise ValueError(f"sae_dtype={self.sae_dtype!r}: expected float32, bfloat16 or float16")
+        self.validate_sae_id()
+
+    def validate_sae_id(self) -> None:
+        """Check ``sae_id`` against the source and layer without any download; a ``layer<L>`` id sets sae_layer."""
+        from qscope_rl.sae.releases import parse_sae_id, release_for_saelens_name
+
+        if self.sae_id is None:
+            return
+        if not isinstance(self.sae_id, str) or not self.sae_id.strip("/ "):
+            raise ValueError(f"sae_id={self.sae_id!r}: expected the name of one SAE ('layer14', or a SAELens "
+                             f"repo's subfolder)")
+        if self.sae_source is None:
+            raise ValueError(f"sae_id={self.sae_id!r} needs sae_source (the release or repo it names an SAE of)")
+        try:
+            id_layer = parse_sae_id(self.sae_id)
+        except ValueError:
+            if release_for_saelens_name(str(self.sae_source)) is not None:
+                raise  # a Qwen-Scope release names its SAEs layer<L> only
+            return  # a subfolder of a SAELens-format repo: its cfg.json says the layer
+        if self.sae_layer is not None and self.sae_layer != id_layer:
+            raise ValueError(f"sae_id={self.sae_id!r} is layer {id_layer}, but sae_layer={self.sae_layer}: give "
+                             f"one of them, or the same layer")
+        self.sae_layer = id_layer
 
 
 @dataclass
@@ -93,6 +121,8 @@ class SAEArguments(SAESourceArguments):
             raise ValueError(f"sae_capture={self.sae_capture!r}: expected one of {CAPTURE_MODES}")
         uses_sae = any([self.code_switch_pack, self.repetition_pack, self.repetition_probe, self.aux_loss_weight,
                         self.amplify_pack])
+        if self.sae_source is None:
+            self.validate_sae_id()  # a sae_id without a source is an error, not silently ignored
         if uses_sae and self.sae_source is None:
             raise ValueError("code_switch_pack / repetition_pack / repetition_probe / aux_loss_weight / amplify_pack "
                              "need sae_source")

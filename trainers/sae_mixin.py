@@ -76,7 +76,9 @@ class SAETrainerMixin(FeatureTableMixin, SAEMetricsMixin, SAECheckpointMixin):
         if args.sae_layer is not None:
             decoder_layer(self.model, args.sae_layer)  # a clear error if the policy has no such layer
         dtype = getattr(torch, args.sae_dtype) if args.sae_dtype else None
-        sae = load_sae(args.sae_source, args.sae_layer, k=args.sae_k, device=self.accelerator.device, dtype=dtype)
+        sae = load_sae(args.sae_source, args.sae_layer, sae_id=args.sae_id, k=args.sae_k,
+                       device=self.accelerator.device,
+                       dtype=dtype)
         self.sae_layer = sae.layer if args.sae_layer is None else args.sae_layer
         if self.sae_layer is None:
             raise ValueError(f"the SAE {args.sae_source} does not say which layer it reads: set sae_layer")

@@ -125,12 +125,13 @@ def _sae(recipe: Recipe) -> tuple[dict | None, object]:
         folder = Path(source).expanduser()
         layers = sorted(int(p.name[5:-7]) for p in folder.glob("layer*.sae.pt")) if folder.is_dir() else []
         if layers and layer is not None and layer not in layers:
-            raise RecipeError(f"sae_layer={layer}: {source} holds SAEs for layers {layers}")
+            named = f"sae_layer={layer}" + (f" (sae_id={config.sae_id!r})" if config.sae_id else "")
+            raise RecipeError(f"{named}: {source} holds SAEs for layers {layers}")
         sae = load_local_sae(recipe)
         return {"source": source, "layer": layer if layer is not None else sae.layer, "status": "local",
                 "d_in": sae.d_in, "d_sae": sae.d_sae, "k": sae.k}, sae
     try:
-        hub = resolve_hub_sae(source, layer, config.sae_k)
+        hub = resolve_hub_sae(source, layer, config.sae_k, sae_id=config.sae_id)
     except (SAELoadError, ValueError) as err:
         raise RecipeError(f"sae_source={source!r}, sae_layer={layer}: {err}") from err
     out = {"source": source, "layer": layer, "repo_id": hub.repo_id, "file": hub.filename, "k": hub.k,

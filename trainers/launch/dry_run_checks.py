@@ -55,7 +55,7 @@ def load_local_sae(recipe: Recipe):
     """The local SAE, loaded as the trainer will load it; a load error is a `RecipeError` naming sae_source."""
     config = recipe.config
     try:
-        return load_sae(config.sae_source, layer=config.sae_layer, k=config.sae_k)
+        return load_sae(config.sae_source, layer=config.sae_layer, sae_id=config.sae_id, k=config.sae_k)
     except SAELoadError as err:
         raise RecipeError(f"sae_source={config.sae_source!r}, sae_layer={config.sae_layer}: {err}") from err
 

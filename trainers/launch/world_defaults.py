@@ -70,7 +70,8 @@ def fill_from_world(world, run: RunArguments, config_values: dict) -> None:
     run.model_name_or_path = run.model_name_or_path or str(world.model_dir)
     if config_values.get("sae_source") is None:
         config_values["sae_source"] = str(world.sae_dir)
-    if config_values.get("sae_layer") is None and config_values["sae_source"] == str(world.sae_dir):
+    if config_values.get("sae_layer") is None and config_values.get("sae_id") is None \
+            and config_values["sae_source"] == str(world.sae_dir):  # a sae_id names the layer itself
         config_values["sae_layer"] = world.layer
     settings = [config_values, *run.reward_kwargs.values(), *run.callback_kwargs.values()]
     if any(key.endswith("pack") and value in PACK_NAMES for kw in settings for key, value in kw.items()):
