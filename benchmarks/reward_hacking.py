@@ -60,7 +60,7 @@ def penalty_for(run: str, world, packs: dict, folder: str) -> SAECodeSwitchPenal
     if run == "subset":
         zh = zh.top(1)
         packs = packs | {"zh": zh.save(Path(folder) / "zh_top1.json")}
-    calibration = sae_penalty_calibration(world, packs)  # the same rule for both penalties
+    calibration = sae_penalty_calibration(world, packs)["zh"]  # the same rule for both penalties
     return SAECodeSwitchPenalty(zh, weight=1.0 / calibration["scale"], threshold=calibration["threshold"])
 
 
