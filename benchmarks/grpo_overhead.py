@@ -27,51 +27,15 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _measure import make_random_sae, peak_tensor_bytes, run_child, sae_weight_bytes, step_times  # noqa: E402
+
 TIME_ARMS = ("off", "capture", "early_exit")
 MEMORY_ARMS = ("off", "capture", "capture_wide", "early_exit_wide")
-
-
-def peak_tensor_bytes(fn) -> int:
-    """Peak of tensor memory allocated while `fn()` runs, relative to its start (profiler allocation events;
-    `torch.cuda.max_memory_allocated` on CUDA)."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        start = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - start
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    level = peak = 0
-    for event in events:
-        level += event.nbytes()
-        peak = max(peak, level)
-    return peak
-
-
-def make_wide_sae(folder: Path, d_in: int, d_sae: int, layer: int, k: int = 32) -> Path:
-    """A random TopK SAE in the Qwen-Scope layout (layer{L}.sae.pt in a folder named ...-L0_<k>)."""
-    import torch
-
-    gen = torch.Generator().manual_seed(0)
-    W_dec = torch.nn.functional.normalize(torch.randn(d_in, d_sae, generator=gen), dim=0)
-    path = folder / f"SAE-Res-random-W{d_sae // 1024}K-L0_{k}"
-    path.mkdir(parents=True, exist_ok=True)
-    torch.save({"W_enc": W_dec.T.contiguous(), "b_enc": torch.zeros(d_sae), "W_dec": W_dec,
-                "b_dec": torch.zeros(d_in)}, path / f"layer{layer}.sae.pt")
-    return path
 
 
 def run_arm(arm: str, size: str, steps: int, wide_sae: str | None, measure_memory: bool) -> dict:
@@ -120,18 +84,15 @@ def run_arm(arm: str, size: str, steps: int, wide_sae: str | None, measure_memor
         peak = peak_tensor_bytes(build_and_train) if measure_memory else None
         if not measure_memory:
             build_and_train()
-    step_times = [e["step_time"] for e in trainers[0].state.log_history if "step_time" in e][1:]  # drop warm-up
-    sae_bytes = 0
-    if sae_source is not None:
-        sae_bytes = sum(p.numel() * p.element_size() for p in load_sae(sae_source, layer=world.layer).parameters())
-    return {"arm": arm, "step_time": statistics.median(step_times), "peak_tensor_bytes": peak,
+    sae_bytes = sae_weight_bytes(load_sae(sae_source, layer=world.layer)) if sae_source is not None else 0
+    return {"arm": arm, "step_time": statistics.median(step_times(trainers[0])), "peak_tensor_bytes": peak,
             "sae_bytes": sae_bytes}
 
 
 def child(arm: str, args, wide_sae: Path, memory: bool) -> dict:
     cmd = [sys.executable, __file__, "--child", arm, "--size", args.size, "--steps", str(args.steps),
            "--wide-sae", str(wide_sae)] + (["--memory"] if memory else [])
-    return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+    return run_child(cmd, arm)
 
 
 def main() -> None:
@@ -152,7 +113,7 @@ def main() -> None:
 
     world = load_world(args.size)  # build once, outside the measurements
     with tempfile.TemporaryDirectory() as tmp:
-        wide = make_wide_sae(Path(tmp), world.stats["d_model"], args.wide_d_sae, world.layer)
+        wide = make_random_sae(Path(tmp), world.stats["d_model"], args.wide_d_sae, world.layer)
         times = {arm: [] for arm in TIME_ARMS}
         for r in range(args.repeats):
             for arm in TIME_ARMS:

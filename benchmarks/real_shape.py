@@ -16,14 +16,16 @@ Step time: median of TRL's per-step `step_time` after one warm-up step. Peak mem
 step, peak tensor memory from building the trainer to the end (torch.profiler's allocation events on CPU,
 `torch.cuda.max_memory_allocated` on CUDA); `real_extra_mem_over_sae_weights` = (on - off) / SAE weight bytes.
 
-Capture memory, at a shape of its own (`--capture-*`): the residual of B rollouts (prompt P, then T decode steps,
-policy-dtype chunks as generation produces them) captured and turned into completion-aligned activations
-(a) as the trainers did before sparse capture (keep every (B, 1, d) chunk, join, copy into a (B, T, d) grid,
-`encode_completions`) and (b) with `SparseCapture`; `capture_mem_ratio` = peak (b) / peak (a), both including the
-same output activations and the SAE encode's chunk buffers.
+Capture memory, at a shape of its own (`--capture-*`; residual width 2048, Qwen3-1.7B's, by default): the residual
+of B rollouts (prompt P, then T - 1 decode steps, bf16 chunks as HF generate feeds them) captured by the trainers'
+`GenerationCapture` and turned into completion-aligned activations (a) with the dense store (keep every chunk,
+join, `encode_completions`: the path before sparse capture) and (b) with the sparse store the trainers use
+(`SparseCapture` into a preallocated `SparseCodeStore`); `capture_mem_ratio` = peak (b) / peak (a), both
+including the same output activations and the SAE encode's chunk buffers (5% of the SAE's weights).
 
     python benchmarks/real_shape.py [--model auto|0.6b|1.7b] [--rollouts 4] [--prompt-tokens 16]
-        [--completion-tokens 16] [--steps 2] [--rounds 1]
+        [--completion-tokens 16] [--steps 2] [--rounds 1] [--parts steps,memory,capture] [--capture-rollouts 8]
+        [--capture-tokens 1024] [--capture-d 2048]
 
 The last line is one JSON object: `real_step_ratio` (target <= 1.05), `real_extra_mem_over_sae_weights`
 (target <= 1.10), `capture_mem_ratio` (target <= 0.10), the FLOP ratios, the shapes, device and load average.
@@ -35,11 +37,13 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _measure import make_random_sae, peak_tensor_bytes, run_child, sae_weight_bytes, step_times  # noqa: E402
 
 LAYER, D_SAE, K, PACK_SIZE = 14, 32768, 50, 8
 QWEN3 = {  # the published Qwen3 configs (config.json of Qwen/Qwen3-0.6B and Qwen/Qwen3-1.7B)
@@ -110,13 +114,8 @@ def make_sae(folder: Path, d_in: int, layer: int = LAYER) -> Path:
 
     from qscope_rl.features.feature_pack import Feature, FeaturePack
 
-    gen = torch.Generator().manual_seed(0)
-    W_dec = torch.nn.functional.normalize(torch.randn(d_in, D_SAE, generator=gen), dim=0)
-    path = folder / f"SAE-Res-random-W{D_SAE // 1024}K-L0_{K}"
-    path.mkdir(parents=True, exist_ok=True)
-    torch.save({"W_enc": W_dec.T.contiguous(), "b_enc": torch.zeros(D_SAE), "W_dec": W_dec,
-                "b_dec": torch.zeros(d_in)}, path / f"layer{layer}.sae.pt")
-    ids = torch.randperm(D_SAE, generator=gen)[:PACK_SIZE].tolist()
+    path = make_random_sae(folder, d_in, D_SAE, layer, K)
+    ids = torch.randperm(D_SAE, generator=torch.Generator().manual_seed(0))[:PACK_SIZE].tolist()
     FeaturePack("random", "contrastive", "random-qwen3", str(path), layer, D_SAE, d_in,
                 [Feature(i, f"f{i}", 1.0, {"mean_pre": 0.0}) for i in ids]).save(folder / "pack.json")
     return path
@@ -129,29 +128,6 @@ class LengthReward:
 
     def __call__(self, completions, **kwargs):
         return [len(str(c).split()) / 100 for c in completions]
-
-
-def peak_bytes(fn) -> int:
-    """Peak tensor memory allocated while `fn()` runs, above its start."""
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        start = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - start
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    level = peak = 0
-    for event in sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                        key=lambda e: e.start_ns()):
-        level += event.nbytes()
-        peak = max(peak, level)
-    return peak
 
 
 # -- one arm (child process) ----------------------------------------------------------------------------
@@ -196,14 +172,12 @@ def run_arm(arm: str, args, folder: Path) -> dict:
                                            processing_class=tok, peft_config=lora))
             trainers[0].train()
 
-        peak = peak_bytes(build_and_train) if args.memory else None
+        peak = peak_tensor_bytes(build_and_train) if args.memory else None
         if not args.memory:
             build_and_train()
     trainer = trainers[0]
-    times = [e["step_time"] for e in trainer.state.log_history if "step_time" in e]
-    sae_bytes = sum(p.numel() * p.element_size() for p in trainer.sae.parameters()) if trainer.sae else 0
-    return {"arm": arm, "step_times": times[1:] if len(times) > 1 else times, "peak_bytes": peak,
-            "sae_bytes": sae_bytes}
+    return {"arm": arm, "step_times": step_times(trainer), "peak_bytes": peak,
+            "sae_bytes": sae_weight_bytes(trainer.sae)}
 
 
 def sae_layer(args) -> int:
@@ -221,22 +195,21 @@ def child(arm: str, args, folder: Path, memory: bool) -> dict:
            "--completion-tokens", str(args.completion_tokens), "--steps", str(args.steps),
            "--layers", str(args.layers or 0)]
     cmd += ["--memory"] if memory else []
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    if result.returncode:
-        raise RuntimeError(f"arm {arm} failed:\n{result.stderr[-4000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return run_child(cmd, arm)
 
 
 # -- capture memory -------------------------------------------------------------------------------------
 
 
 def capture_memory(rollouts: int, prompt: int, completion: int, d_in: int) -> dict:
-    """Peak memory of dense capture + encode vs sparse capture, fed the same chunks as HF generate feeds."""
+    """Peak memory of the trainers' HF-generation capture with the dense store vs the sparse one, fed the chunks
+    HF generate feeds (prefill, then one (B, 1, d) residual per decode step; the last token is never fed)."""
     import torch
 
     from qscope_rl.features.detection import encode_completions
     from qscope_rl.features.sparse_capture import SparseCapture
     from qscope_rl.sae.autoencoder import SparseAutoencoder
+    from qscope_rl.trainers.rollout_capture import GenerationCapture
 
     device = device_name()
     resid_dtype = torch.bfloat16  # the policy's dtype where people train (GPU, bf16)
@@ -246,32 +219,32 @@ def capture_memory(rollouts: int, prompt: int, completion: int, d_in: int) -> di
     tracked = torch.arange(PACK_SIZE, device=device)
     mask = torch.ones(rollouts, completion, dtype=torch.bool, device=device)
     mask[: rollouts // 2, completion // 2:] = False  # half the rollouts stop half-way (EOS)
+    mask[:, -1] = False  # the last sampled token: never fed to the model (detection_mask leaves it out)
+    chunk = sae.memory_bounded_chunk()
 
-    def chunks():  # prefill, then one (B, 1, d) residual per decode step; the last token is never fed
+    def feed(capture):
         gen = torch.Generator(device=device).manual_seed(0)
-        yield torch.randn(rollouts, prompt, d_in, generator=gen, device=device, dtype=resid_dtype)
-        for _ in range(completion):
-            yield torch.randn(rollouts, 1, d_in, generator=gen, device=device, dtype=resid_dtype)
+        capture(torch.randn(rollouts, prompt, d_in, generator=gen, device=device, dtype=resid_dtype))
+        for _ in range(completion - 1):
+            capture(torch.randn(rollouts, 1, d_in, generator=gen, device=device, dtype=resid_dtype))
 
-    def dense():  # what the trainers did before sparse capture (sae_mixin._encode_rollouts)
-        kept = list(chunks())
-        generated = torch.cat(kept, dim=1)[:, kept[0].shape[1]:]
-        hidden = generated.new_zeros(rollouts, completion, d_in)
-        hidden[:, :completion] = generated[:, :completion]
-        del kept  # the trainer dropped its chunks here (self._captured = None), before encoding
-        out.append(encode_completions(sae, hidden, mask, tracked_ids=tracked,
-                                      chunk_tokens=sae.memory_bounded_chunk()))
+    def dense():  # generation_capture_store = "dense": keep every step, join, encode (sae_mixin._encode_rollouts)
+        capture = GenerationCapture(prompt)
+        feed(capture)
+        hidden, why = capture.completion_residual(rollouts, completion)
+        del capture  # the trainer drops its capture here, before encoding
+        out.append(encode_completions(sae, hidden, mask, tracked_ids=tracked, chunk_tokens=chunk))
 
-    def sparse():
-        cap = SparseCapture(sae, tracked_ids=tracked)
-        for chunk in chunks():
-            cap.feed(chunk)
-        out.append(cap.completion_activations(mask))
+    def sparse():  # the trainers' default store: top-k codes only, encoded a chunk of decode steps at a time
+        capture = GenerationCapture(prompt, SparseCapture(sae, tracked_ids=tracked, prompt_length=prompt,
+                                                          chunk_tokens=chunk, capacity=completion))
+        feed(capture)
+        out.append(capture.completion_activations(mask)[0])
 
     out, peaks = [], {}
     with torch.no_grad():
         for name, fn in (("dense", dense), ("sparse", sparse)):
-            peaks[name] = peak_bytes(fn)
+            peaks[name] = peak_tensor_bytes(fn)
     a, b = out
     same = torch.equal(a.mask, b.mask) and torch.allclose(a.values.sort(-1).values, b.values.sort(-1).values,
                                                           atol=1e-4, rtol=1e-4)
@@ -295,6 +268,8 @@ def main() -> None:
     parser.add_argument("--capture-rollouts", type=int, default=None, help="CPU 8, GPU 128")
     parser.add_argument("--capture-prompt", type=int, default=64)
     parser.add_argument("--capture-tokens", type=int, default=None, help="CPU 1024, GPU 2048")
+    parser.add_argument("--capture-d", type=int, default=2048,
+                        help="residual width of the capture measurement (2048: Qwen3-1.7B, the issue's shape)")
     parser.add_argument("--parts", default="steps,memory,capture",
                         help="what to measure (comma-separated): steps (ABBA step times), memory, capture")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -339,8 +314,9 @@ def main() -> None:
     nan = float("nan")
     capture = {"dense_bytes": nan, "sparse_bytes": nan, "same_activations": None, "ratio": nan}
     if "capture" in args.parts:
-        capture = capture_memory(args.capture_rollouts, args.capture_prompt, args.capture_tokens, d_in)
-    print(f"capture of {args.capture_rollouts} x ({args.capture_prompt} + {args.capture_tokens}) tokens, d {d_in}, "
+        capture = capture_memory(args.capture_rollouts, args.capture_prompt, args.capture_tokens, args.capture_d)
+    print(f"capture of {args.capture_rollouts} x ({args.capture_prompt} + {args.capture_tokens}) tokens, "
+          f"d {args.capture_d}, "
           f"bf16 residual: dense {capture['dense_bytes'] / 2**20:.0f} MiB, "
           f"sparse {capture['sparse_bytes'] / 2**20:.0f} MiB, same: {capture['same_activations']}", flush=True)
     median = {arm: statistics.median(t) if t else nan for arm, t in times.items()}
@@ -359,7 +335,7 @@ def main() -> None:
         "model": f"Qwen3-{args.model}", "layers": depth, "sae_layer": sae_layer(args), "rollouts": args.rollouts,
         "prompt_tokens": args.prompt_tokens,
         "completion_tokens": args.completion_tokens, "capture_shape": [args.capture_rollouts, args.capture_prompt,
-                                                                       args.capture_tokens, d_in],
+                                                                       args.capture_tokens, args.capture_d],
         "capture_same_activations": capture["same_activations"], "device": device_name(),
         "load_average": [round(load_start, 1), round(os.getloadavg()[0], 1)],
     }))

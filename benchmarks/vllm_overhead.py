@@ -27,13 +27,12 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from grpo_overhead import make_wide_sae, peak_tensor_bytes  # noqa: E402
+from _measure import make_random_sae, peak_tensor_bytes, run_child, sae_weight_bytes, step_times  # noqa: E402
 
 TIME_ARMS = ("off", "off_eager", "sae")
 MEMORY_ARMS = ("off", "off_eager", "sae_wide")
@@ -114,12 +113,9 @@ def run_arm(arm: str, steps: int, wide_sae: str | None, measure_memory: bool) ->
         peak = peak_tensor_bytes(build_and_train) if measure_memory else None
         if not measure_memory:
             build_and_train()
-    step_times = [e["step_time"] for e in trainers[0].state.log_history if "step_time" in e][1:]  # drop warm-up
-    sae_bytes = 0
-    if sae_source is not None:
-        sae_bytes = sum(p.numel() * p.element_size() for p in load_sae(sae_source, layer=world.layer).parameters())
+    sae_bytes = sae_weight_bytes(load_sae(sae_source, layer=world.layer)) if sae_source is not None else 0
     eager = trainers[0].vllm_generation.llm.llm_engine.vllm_config.model_config.enforce_eager
-    return {"arm": arm, "step_time": statistics.median(step_times), "peak_tensor_bytes": peak,
+    return {"arm": arm, "step_time": statistics.median(step_times(trainers[0])), "peak_tensor_bytes": peak,
             "sae_bytes": sae_bytes, "eager": bool(eager)}
 
 
@@ -127,10 +123,7 @@ def child(arm: str, args, wide_sae: Path, memory: bool) -> dict:
     cmd = [sys.executable, __file__, "--child", arm, "--steps", str(args.steps), "--wide-sae", str(wide_sae)] + \
         (["--memory"] if memory else [])
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
-    done = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env)
-    if done.returncode != 0:
-        raise RuntimeError(f"arm {arm} failed:\n{done.stderr[-4000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_child(cmd, arm, env)
 
 
 def main() -> None:
@@ -151,7 +144,7 @@ def main() -> None:
     world = vllm_world()  # build once, outside the measurements
     world_pack_files(world)
     with tempfile.TemporaryDirectory() as tmp:
-        wide = make_wide_sae(Path(tmp), world.stats["d_model"], args.wide_d_sae, world.layer)
+        wide = make_random_sae(Path(tmp), world.stats["d_model"], args.wide_d_sae, world.layer)
         random_pack(wide, world.layer, world.stats["d_model"], args.wide_d_sae)
         times = {arm: [] for arm in TIME_ARMS}
         for r in range(args.repeats):

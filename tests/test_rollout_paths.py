@@ -55,6 +55,7 @@ def test_every_beam_of_an_amplified_rollout_is_steered_and_the_capture_is_unstee
                    **sae_fields(world, pack_files, amplify_pack=str(pack_files["loop"]), amplify_alpha=10.0))
     assert trainer._capture_mode == "forward"  # 'auto': beams are not captured during generation
     trainer._capture_mode = "generation"  # to read the captured (unsteered) residual beside the steered one
+    trainer.generation_capture_store = "dense"  # the residual itself, not its codes
     model = trainer.model.train()
     batch = world.tokenizer([p.text for p in world.prompts("train", lang="en")[:4]], return_tensors="pt",
                             padding=True)

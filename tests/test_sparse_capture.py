@@ -142,12 +142,18 @@ def test_feature_ids_survive_narrow_storage():
 def test_memory_grows_with_k_not_d():
     d_in, d_sae, k, B, T = 256, 1024, 8, 4, 50
     sae = random_sae(d_in=d_in, d_sae=d_sae, k=k)
-    cap = SparseCapture(sae, tracked_ids=[1, 2], prompt_length=0, chunk_tokens=16)
+    per_token = k * (4 + 2) + 2 * 4 + 1  # fp32 values, int16 ids, fp32 tracked, a "written" flag
+    cap = SparseCapture(sae, tracked_ids=[1, 2], prompt_length=0, chunk_tokens=16, capacity=T)
     for _ in range(T):
         cap.feed(torch.randn(B, 1, d_in))
-        assert cap.nbytes() <= B * T * (k * (4 + 2) + 2 * 4) + 16 * d_in * 4  # codes + at most one dense chunk
-    cap.result()  # flushes the pending rows: only the codes stay, fp32 values, int16 ids, fp32 tracked
-    assert cap.nbytes() == B * T * (k * (4 + 2) + 2 * 4) < 0.06 * (B * T * d_in * 4)
+        assert cap.nbytes() <= B * T * per_token + 16 * d_in * 4  # the preallocated codes + at most one dense chunk
+    cap.result()  # flushes the pending rows: only the codes stay
+    assert cap.nbytes() == B * T * per_token < 0.06 * (B * T * d_in * 4)
+    grown = SparseCapture(sae, prompt_length=0, chunk_tokens=16)  # no capacity given: the grid grows by doubling
+    for _ in range(T):
+        grown.feed(torch.randn(B, 1, d_in))
+    grown.result()
+    assert grown.store.shape == (B, 64, k) and grown.nbytes() == B * 64 * (k * (4 + 2) + 1)
 
 
 def test_bad_input_is_refused_by_name():

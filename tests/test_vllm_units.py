@@ -64,7 +64,7 @@ def test_captured_completions_land_on_their_rows_and_tokens():
     values = torch.arange(1.0, 8.0)[:, None].repeat(1, 2)
     indices = torch.arange(7)[:, None].repeat(1, 2)
     pre = torch.arange(7.0)[:, None]
-    captured = CapturedCompletions(rows, offsets, values, indices, pre, torch.tensor([4]), d_sae=16)
+    captured = CapturedCompletions.from_entries(rows, offsets, values, indices, pre, torch.tensor([4]), d_sae=16)
     acts = captured.completion_activations(rows=[1, 3], text_lengths=[2, 1], width=3)
     assert acts.values.shape == (2, 3, 2) and acts.pre.shape == (2, 3, 1) and acts.d_sae == 16
     assert acts.mask.tolist() == [[True, True, False], [True, False, False]]  # row 3's offset 1 is past its text

@@ -2,7 +2,8 @@
 
 Two paths, one result (tests/test_alignment.py checks both against an unpadded per-row forward):
 
-- ``generation``: a forward hook records the residual while HF ``generate`` samples, at no extra cost. What
+- ``generation``: a forward hook SAE-encodes the residual while HF ``generate`` samples (no extra forward; only
+  the top-k codes are kept, see `GenerationCapture`). What
   one forward holds depends on the generation settings: the prompt, then one token per step (KV cache); the
   prompt in pieces first (``prefill_chunk_size``); or the whole sequence again at every step
   (``use_cache=False``). `GenerationCapture` tells these apart from the shapes it sees and returns the
@@ -22,6 +23,8 @@ import math
 import torch
 from torch import Tensor
 
+from qscope_rl.features.detection import CompletionActivations
+from qscope_rl.features.sparse_capture import SparseCapture
 from qscope_rl.hooks import unwrap_model
 
 
@@ -32,17 +35,29 @@ def padded_width(prompt_ids: list[list[int]], multiple: int | None) -> int:
 
 
 class GenerationCapture:
-    """The ``on_forward`` callback of a `ResidualCapture` during ``generate``: keeps the residual of every position
-    fed to the model so far, (B, covered, d), in whatever pieces the generation settings feed it.
+    """The ``on_forward`` callback of a `ResidualCapture` during ``generate``: follows the positions fed to the
+    model so far, in whatever pieces the generation settings feed them, and keeps them in one of two stores.
 
     A forward that is exactly one position longer than everything seen so far (and comes after the whole prompt)
-    is ``use_cache=False`` recomputing the sequence: it replaces what was kept (so memory stays O(T), not O(T^2)).
-    Any other forward appends its positions: the prompt (in one piece or in ``prefill_chunk_size`` pieces), then
-    one token per decode step.
+    is ``use_cache=False`` recomputing the sequence: only its last position is new (so memory stays O(T), not
+    O(T^2)). Any other forward appends its positions: the prompt (in one piece or in ``prefill_chunk_size``
+    pieces), then one token per decode step.
+
+    Stores (the trainers always use the sparse one; nothing they compute needs the dense residual of a rollout:
+    the auxiliary loss reads the training forward's own residual, with its graph):
+
+    - ``sparse`` (a `SparseCapture` whose ``prompt_length`` is the padded prompt width): completion positions
+      are SAE-encoded as they arrive, a chunk of decode steps at a time, and only their top-k codes and tracked
+      pre-activations are kept (B x T x k); read with `completion_activations`;
+    - dense (``sparse=None``): every forward's (B, t, d) residual is kept; read with `completion_residual`.
+      The reference the sparse store is tested against (tests/test_capture_parity.py), and for debugging.
     """
 
-    def __init__(self, prompt_width: int):
+    def __init__(self, prompt_width: int, sparse: SparseCapture | None = None):
         self.prompt_width = prompt_width
+        self.sparse = sparse
+        if sparse is not None and sparse.start != prompt_width:
+            raise ValueError(f"the sparse store must start at the prompt width {prompt_width}, not {sparse.start}")
         self.pieces: list[Tensor] = []
         self.covered = 0
         self.rows: set[int] = set()
@@ -50,27 +65,50 @@ class GenerationCapture:
     def __call__(self, hidden: Tensor) -> None:
         length = hidden.shape[1]
         self.rows.add(hidden.shape[0])
-        if length > 1 and self.covered >= self.prompt_width and length == self.covered + 1:
-            self.pieces, self.covered = [hidden], length
+        recompute = length > 1 and self.covered >= self.prompt_width and length == self.covered + 1
+        if self.sparse is not None:
+            if len(self.rows) == 1:  # rows changed (beams): the capture no longer fits; `_why_not` says so
+                self.sparse.feed(hidden[:, -1:] if recompute else hidden)
+        elif recompute:
+            self.pieces = [hidden]
         else:
             self.pieces.append(hidden)
-            self.covered += length
+        self.covered = length if recompute else self.covered + length
 
-    def completion_residual(self, num_rows: int, completion_width: int) -> tuple[Tensor | None, str]:
-        """(residual, "") with residual (B, completion_width, d) at completion tokens 0..T-2 (the last sampled
-        token is never fed to the model: its column is zero), or (None, why) when the capture does not fit."""
-        if not self.pieces:
-            return None, "no forward went through the SAE layer during generation"
+    def _why_not(self, num_rows: int, completion_width: int) -> str:
+        """"" when what was fed covers prompt + completion - 1 positions of ``num_rows`` rows, else why not."""
+        if not self.rows:
+            return "no forward went through the SAE layer during generation"
         if self.rows != {num_rows}:
-            return None, (f"generation ran forwards of {sorted(self.rows)} rows for {num_rows} rollouts (beam search "
-                          f"or another row-expanding generation mode)")
+            return (f"generation ran forwards of {sorted(self.rows)} rows for {num_rows} rollouts (beam search "
+                    f"or another row-expanding generation mode)")
         expected = self.prompt_width + completion_width - 1
         if completion_width == 0 or self.covered != expected:
-            return None, (f"generation fed {self.covered} positions through the SAE layer, expected {expected} "
-                          f"(prompt {self.prompt_width} + completion {completion_width} - 1): an unknown "
-                          f"generation layout")
+            return (f"generation fed {self.covered} positions through the SAE layer, expected {expected} "
+                    f"(prompt {self.prompt_width} + completion {completion_width} - 1): an unknown "
+                    f"generation layout")
+        return ""
+
+    def completion_residual(self, num_rows: int, completion_width: int) -> tuple[Tensor | None, str]:
+        """Dense store: (residual, "") with residual (B, completion_width, d) at completion tokens 0..T-2 (the last
+        sampled token is never fed to the model: its column is zero), or (None, why) when the capture does not fit."""
+        if self.sparse is not None:
+            raise RuntimeError("this capture keeps sparse codes: read them with completion_activations")
+        why = self._why_not(num_rows, completion_width)
+        if why:
+            return None, why
         generated = torch.cat(self.pieces, dim=1)[:, self.prompt_width:]
         return torch.cat([generated, generated.new_zeros(num_rows, 1, generated.shape[-1])], dim=1), ""
+
+    def completion_activations(self, mask: Tensor) -> tuple[CompletionActivations | None, str]:
+        """Sparse store: (activations, "") of the (B, T) ``mask``'s completion tokens, as `encode_completions` of
+        the dense residual gives them, or (None, why) when the capture does not fit."""
+        if self.sparse is None:
+            raise RuntimeError("this capture keeps the dense residual: read it with completion_residual")
+        why = self._why_not(mask.shape[0], mask.shape[1])
+        if why:
+            return None, why
+        return self.sparse.completion_activations(mask), ""
 
 
 def detection_mask(completion_ids: list[list[int]], eos_token_ids, tool_mask: list[list[int]] | None = None,

@@ -5,9 +5,10 @@ its parent's `_generate_single_turn` in `_rollout_hooks(...)` (the one method wh
 between GRPO and RLOO). The mixin overrides these TRL methods, each deferring to the parent when no SAE
 is configured:
 
-- `_generate`: encodes the rollouts once per generation batch (sparse), from the residual captured during
-  generation or from one no-grad forward that stops after the SAE layer (`rollout_capture` says which
-  settings take which path, and which completion tokens count); amplified rows are chosen per call;
+- `_generate`: encodes the rollouts once per generation batch (sparse), from the top-k codes captured during
+  generation (encoded a chunk of decode steps at a time: memory B x T x k, never B x T x d) or from one
+  no-grad forward that stops after the SAE layer (`rollout_capture` says which settings take which path, and
+  which completion tokens count); amplified rows are chosen per call;
 - `_calculate_rewards`: reward functions also receive ``sae_activations`` (one `CompletionActivations`
   per completion, aligned to its tokens, read from the UNSTEERED residual in both paths) and
   ``sae_amplified``; `sae/*` metrics are logged (`SAEMetricsMixin`);
@@ -35,6 +36,7 @@ from qscope_rl.features.classifier import FeatureClassifier
 from qscope_rl.features.detection import encode_completions
 from qscope_rl.features.feature_pack import FeaturePack
 from qscope_rl.features.probe import completion_probe_tail
+from qscope_rl.features.sparse_capture import SparseCapture
 from qscope_rl.hooks import ForwardToLayer, add_to_residual, capture_residual, decoder_layer, hidden_size
 from qscope_rl.sae.loaders import load_sae
 
@@ -66,6 +68,10 @@ class SAETrainerMixin(FeatureTableMixin, SAEMetricsMixin, SAECheckpointMixin):
     _rollout_completion_ids = None  # decoded for the top-features table
     _turns = 0
     sae_capture_path = None  # "generation" or "forward": where the last batch's residual came from
+    # What HF-generation capture keeps: "sparse" (the top-k codes, encoded as rollouts are sampled: B x T x k) or
+    # "dense" (every step's residual, encoded after generation: B x T x d; the reference the sparse store is
+    # tested against). Nothing the trainers compute needs the dense residual of a rollout.
+    generation_capture_store = "sparse"
 
     # -- set-up ---------------------------------------------------------------------------------------
 
@@ -179,7 +185,7 @@ class SAETrainerMixin(FeatureTableMixin, SAEMetricsMixin, SAECheckpointMixin):
         with ExitStack() as stack:
             capture = None
             if self._capture_mode == "generation":
-                capture = GenerationCapture(padded_width(prompt_ids, getattr(self, "pad_to_multiple_of", None)))
+                capture = self._generation_capture(padded_width(prompt_ids, getattr(self, "pad_to_multiple_of", None)))
                 stack.enter_context(capture_residual(self.model_wrapped, self.sae_layer, on_forward=capture))
             rows = self._amplified.nonzero().flatten()
             if len(rows):  # registered after the capture: hooks run in order, so the capture reads h, not h + alpha d
@@ -190,25 +196,43 @@ class SAETrainerMixin(FeatureTableMixin, SAEMetricsMixin, SAECheckpointMixin):
             yield
             self._captured = capture
 
+    def _generation_capture(self, prompt_width: int) -> GenerationCapture:
+        """The capture of one HF generation call, in the store `generation_capture_store` names."""
+        if self.generation_capture_store == "dense":
+            return GenerationCapture(prompt_width)
+        if self.generation_capture_store != "sparse":
+            raise ValueError(f"generation_capture_store={self.generation_capture_store!r}: expected 'sparse' or "
+                             f"'dense'")
+        capacity = getattr(self, "max_completion_length", None) or self.args.max_completion_length or 0
+        return GenerationCapture(prompt_width, SparseCapture(
+            self.sae, tracked_ids=self._tracked_ids, prompt_length=prompt_width,
+            chunk_tokens=self.sae.memory_bounded_chunk(), capacity=capacity))
+
     def _encode_rollouts(self, prompt_ids: list[list[int]], completion_ids: list[list[int]], tool_mask=None):
         """Sparse SAE activations of every completion token, aligned to `completion_ids` (see `detection_mask`)."""
         device = self.accelerator.device
         mask = detection_mask(completion_ids, self._eos_token_ids(), tool_mask, device=device)
         capture, self._captured = self._captured, None
-        hidden = None
+        acts = hidden = None
         if capture is not None:
-            hidden, why = capture.completion_residual(len(completion_ids), mask.shape[1])
-            if hidden is None and getattr(self, "_is_vlm", False):
+            if capture.sparse is not None:
+                acts, why = capture.completion_activations(mask)
+            else:
+                hidden, why = capture.completion_residual(len(completion_ids), mask.shape[1])
+            del capture  # its store: the codes are in `acts` now
+            if acts is None and hidden is None and getattr(self, "_is_vlm", False):
                 raise RuntimeError(f"cannot align the residual captured during generation ({why}), and a VLM's "
                                    f"rollouts cannot be re-encoded by the text-only forward")
-            if hidden is None:
+            if acts is None and hidden is None:
                 logger.warning_once(f"SAE rollouts: the residual captured during generation does not fit ({why}); "
                                     f"encoding them with the early-exit forward instead")
-        self.sae_capture_path = "forward" if hidden is None else "generation"
-        if hidden is None:
-            hidden = self._forward_to_sae_layer(prompt_ids, completion_ids)
+        self.sae_capture_path = "forward" if acts is None and hidden is None else "generation"
         mode = "train" if self.model.training else "eval"
         self._metrics[mode]["sae/capture_forward"].append(float(self.sae_capture_path == "forward"))
+        if acts is not None:
+            return acts
+        if hidden is None:
+            hidden = self._forward_to_sae_layer(prompt_ids, completion_ids)
         return encode_completions(self.sae, hidden, mask.to(hidden.device), tracked_ids=self._tracked_ids,
                                   chunk_tokens=self.sae.memory_bounded_chunk())
 

@@ -96,7 +96,8 @@ class SAEVLLMMixin:
         self._vllm_tap = VLLMResidualTap(
             self.vllm_generation.llm, self.sae_layer, sae=self.sae if capture else None,
             steer_vector=self._amplify_vector, tracked_ids=self._tracked_ids if capture else None,
-            chunk_tokens=self.sae.memory_bounded_chunk())
+            chunk_tokens=self.sae.memory_bounded_chunk(),
+            capacity=getattr(self, "max_completion_length", None) or self.args.max_completion_length or 0)
 
     def _uses_vllm_tap(self) -> bool:
         if not (getattr(self, "use_vllm", False) and self.vllm_mode == "colocate"):

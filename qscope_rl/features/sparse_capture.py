@@ -28,12 +28,12 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qscope_rl.hooks import ResidualCapture
 from qscope_rl.sae.autoencoder import SparseAutoencoder
 
+from .code_store import SparseCodeStore
 from .detection import CompletionActivations
 
 
@@ -46,11 +46,6 @@ class SparseCodes(NamedTuple):
     start: int  # absolute position (in the joined residual) of the first captured code
 
 
-def _index_dtype(d_sae: int) -> torch.dtype:
-    """The narrowest integer type holding every feature id (int16 for Qwen-Scope's 32K SAEs)."""
-    return torch.int16 if d_sae <= 2**15 else torch.int32
-
-
 class SparseCapture:
     """Encodes (B, t, d) residual chunks fed in sequence order; keeps top-k codes and tracked pre-activations.
 
@@ -58,13 +53,15 @@ class SparseCapture:
     takes the first chunk as the prompt: in HF ``generate`` that is the prefill. ``chunk_tokens``: rows
     buffered densely before encoding (default `SparseAutoencoder.memory_bounded_chunk`, 5% of the SAE's
     weights): decode steps are encoded a few at a time, never one matmul per token on a large batch.
+    ``capacity``: positions from ``start`` on to preallocate the code grid for (the trainers pass
+    ``max_completion_length``); it grows by doubling past that.
     """
 
     def __init__(self, sae: SparseAutoencoder, *, tracked_ids: Tensor | Sequence[int] | None = None,
-                 prompt_length: int | None = None, chunk_tokens: int | None = None):
+                 prompt_length: int | None = None, chunk_tokens: int | None = None, capacity: int = 0):
         if prompt_length is not None and prompt_length < 0:
             raise ValueError(f"prompt_length must be >= 0, got {prompt_length}")
-        self.sae, self._given_prompt_length = sae, prompt_length
+        self.sae, self._given_prompt_length, self.capacity = sae, prompt_length, max(int(capacity), 0)
         self.chunk_tokens = chunk_tokens or sae.memory_bounded_chunk()
         if self.chunk_tokens < 1:
             raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
@@ -74,7 +71,6 @@ class SparseCapture:
             if len(ids) and not bool(((ids >= 0) & (ids < sae.d_sae)).all()):
                 raise ValueError(f"tracked_ids out of range for an SAE with d_sae={sae.d_sae}: {ids.tolist()}")
             self.tracked_ids = ids
-        self._index_dtype = _index_dtype(sae.d_sae)
         self.reset()
 
     def reset(self) -> None:
@@ -83,9 +79,8 @@ class SparseCapture:
         self.batch: int | None = None
         self._pending: list[Tensor] = []  # dense (B, t, d) chunks not encoded yet
         self._pending_positions = 0
-        self._values: list[Tensor] = []
-        self._indices: list[Tensor] = []
-        self._pre: list[Tensor] = []
+        self._encoded = 0  # positions from `start` on that are in the store
+        self.store: SparseCodeStore | None = None  # allocated at the first chunk (it knows the batch)
         self.prompt_length = self._given_prompt_length  # None again: the next first chunk is the prompt
 
     @property
@@ -123,6 +118,11 @@ class SparseCapture:
         if self._pending_positions * self.batch >= self.chunk_tokens:
             self._encode_pending()
 
+    def _new_store(self, width: int) -> SparseCodeStore:
+        sae, tracked = self.sae, 0 if self.tracked_ids is None else len(self.tracked_ids)
+        return SparseCodeStore(d_sae=sae.d_sae, width=width, value_dtype=sae.W_enc.dtype, device=sae.W_enc.device,
+                               tracked=tracked, slots=self.batch or 0, capacity=self.capacity)
+
     def _encode_pending(self) -> None:
         if not self._pending:
             return
@@ -134,32 +134,27 @@ class SparseCapture:
                 acts, pre = sae.encode_sparse(hidden, chunk_tokens=self.chunk_tokens), None
             else:
                 acts, pre = sae.encode_sparse_tracked(hidden, self.tracked_ids, chunk_tokens=self.chunk_tokens)
-        self._values.append(acts.values)
-        self._indices.append(acts.indices.to(self._index_dtype))
-        if pre is not None:
-            self._pre.append(pre)
+        del hidden  # the dense rows go before the codes are written
+        batch, length, width = acts.values.shape
+        if self.store is None:
+            self.store = self._new_store(width)
+        device = self.store.device
+        slots = torch.arange(batch, device=device).repeat_interleave(length)
+        offsets = torch.arange(self._encoded, self._encoded + length, device=device).repeat(batch)
+        self.store.write(slots, offsets, acts.values.reshape(batch * length, width),
+                         acts.indices.reshape(batch * length, width),
+                         None if pre is None else pre.reshape(batch * length, -1))
+        self._encoded += length
 
     # -- results --------------------------------------------------------------------------------------
 
     def result(self) -> SparseCodes:
         """Codes of every position fed from ``start`` on, (B, L, k) (and (B, L, f) tracked pre-activations)."""
         self._encode_pending()
-        sae, batch = self.sae, self.batch or 0
-        if self._values:
-            # SAEs without a fixed k give each encode the width of its busiest token: zero-pad to the widest
-            width = max(v.shape[-1] for v in self._values)
-            values = torch.cat([F.pad(v, (0, width - v.shape[-1])) for v in self._values], dim=1)
-            indices = torch.cat([F.pad(i, (0, width - i.shape[-1])) for i in self._indices], dim=1).long()
-        else:
-            width = sae.k or 1
-            values = sae.W_enc.new_zeros(batch, 0, width)
-            indices = torch.zeros(batch, 0, width, dtype=torch.long, device=sae.W_enc.device)
-        pre = None
-        if self.tracked_ids is not None:
-            pre = torch.cat(self._pre, dim=1) if self._pre else sae.W_enc.new_zeros(batch, 0, len(self.tracked_ids))
-        # keep one joined copy: later calls (and the next feeds) start from it
-        self._values, self._indices = [values], [indices.to(self._index_dtype)]
-        self._pre = [pre] if pre is not None else []
+        if self.store is None:
+            self.store = self._new_store(self.sae.k or 1)
+        slots = torch.arange(self.batch or 0)
+        values, indices, pre, _ = self.store.grid(slots, 0, self._encoded)
         return SparseCodes(values, indices, pre, self.start)
 
     def completion_activations(self, completion_mask: Tensor, prompt_length: int | None = None
@@ -169,36 +164,32 @@ class SparseCapture:
         completion_mask: (B, T), True on real completion tokens; completion token j sits at absolute position
         ``prompt_length + j`` (default: ``start``). Every masked position must have been fed.
         """
-        codes = self.result()
-        prompt_length = codes.start if prompt_length is None else prompt_length
-        if completion_mask.ndim != 2 or completion_mask.shape[0] != codes.values.shape[0]:
-            raise ValueError(f"completion_mask must be (B, T) with B={codes.values.shape[0]}, "
+        self._encode_pending()
+        batch = self.batch or 0
+        prompt_length = self.start if prompt_length is None else prompt_length
+        if completion_mask.ndim != 2 or completion_mask.shape[0] != batch:
+            raise ValueError(f"completion_mask must be (B, T) with B={batch}, "
                              f"got shape {tuple(completion_mask.shape)}")
-        if prompt_length < codes.start:
+        if prompt_length < self.start:
             raise ValueError(f"prompt_length={prompt_length} is before the first encoded position "
-                             f"{codes.start}: those positions were never encoded")
+                             f"{self.start}: those positions were never encoded")
         device = self.sae.W_enc.device
         mask = completion_mask.to(device=device, dtype=torch.bool)
-        length, offset = mask.shape[1], prompt_length - codes.start
-        available = max(min(codes.values.shape[1] - offset, length), 0)
+        length, offset = mask.shape[1], prompt_length - self.start
+        available = max(min(self._encoded - offset, length), 0)
         if bool(mask[:, available:].any()):
             raise ValueError(f"completion_mask covers completion positions {available}.. that were never fed "
-                             f"(captured {codes.values.shape[1]} positions from {codes.start}, prompt_length="
+                             f"(captured {self._encoded} positions from {self.start}, prompt_length="
                              f"{prompt_length}); clip the mask to the captured length")
-
-        def grid(t: Tensor) -> Tensor:  # (B, T, w): the captured slice, zero past it and off the mask
-            out = t.new_zeros(t.shape[0], length, t.shape[-1])
-            out[:, :available] = t[:, offset:offset + available]
-            return out.masked_fill_(~mask.unsqueeze(-1), 0)
-
-        pre = None if codes.pre is None else grid(codes.pre)
-        return CompletionActivations(grid(codes.values), grid(codes.indices), mask, pre, self.tracked_ids,
-                                     self.sae.d_sae)
+        if self.store is None:
+            self.store = self._new_store(self.sae.k or 1)
+        values, indices, pre, _ = self.store.grid(torch.arange(batch), offset, length, mask)
+        return CompletionActivations(values, indices, mask, pre, self.tracked_ids, self.sae.d_sae)
 
     def nbytes(self) -> int:
-        """Bytes held by the captured codes and the pending dense rows."""
-        tensors = self._values + self._indices + self._pre + self._pending
-        return sum(t.numel() * t.element_size() for t in tensors)
+        """Bytes held by the code grid and the pending dense rows."""
+        pending = sum(t.numel() * t.element_size() for t in self._pending)
+        return pending + (self.store.nbytes() if self.store is not None else 0)
 
 
 class SparseResidualCapture(ResidualCapture):

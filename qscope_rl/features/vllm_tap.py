@@ -9,9 +9,10 @@ our tag, ``SamplingParams.extra_args["qscope_rl"] = {"row": i, "steer": bool}``,
 - steering adds ``vector`` to every row of a steered request (prompt and generated positions, as the HF path
   does), in place, leaving every other row bit-identical;
 - capture keeps the residual stream after layer L (vLLM's layer returns ``(mlp_out, residual)``: their sum)
-  of completion positions only, and encodes it through the SAE a chunk at a time, so no ``(tokens, d)``
-  buffer outlives a chunk. Completion token t of a request is position ``prompt_len + t``; the last sampled
-  token is never fed back, so it has no residual (as under HF generate).
+  of completion positions only, and encodes it through the SAE a chunk at a time into a `SparseCodeStore`
+  (the store HF capture uses too: top-k codes only), so no ``(tokens, d)`` buffer outlives a chunk.
+  Completion token t of a request is position ``prompt_len + t``; the last sampled token is never fed back,
+  so it has no residual (as under HF generate).
 
 Prefix caching (vLLM's default, on under TRL) shares prompt KV blocks between requests with the same prompt.
 A steered request's prompt KV is steered, so `tagged_requests` gives steered requests a ``cache_salt``:
@@ -38,6 +39,7 @@ from torch import Tensor
 from qscope_rl.hooks import decoder_layer
 from qscope_rl.sae.autoencoder import SparseAutoencoder
 
+from .code_store import SparseCodeStore
 from .detection import CompletionActivations
 
 TAG = "qscope_rl"
@@ -76,41 +78,37 @@ def request_tag(row: int, steer: bool) -> dict:
 
 @dataclass
 class CapturedCompletions:
-    """Sparse SAE activations of the completion tokens the tap saw: one entry per (request row, offset)."""
+    """Sparse SAE activations of the completion tokens the tap saw, in a `SparseCodeStore`: the codes of tag row
+    r's completion token t sit at cell (``slot_of_row[r]``, t)."""
 
-    rows: Tensor  # (N,) long: the request's tag row
-    offsets: Tensor  # (N,) long: completion token index (position - prompt length)
-    values: Tensor  # (N, k)
-    indices: Tensor  # (N, k) long
-    pre: Tensor | None  # (N, f) pre-activations of tracked_ids
+    store: SparseCodeStore
+    slot_of_row: dict[int, int]
     tracked_ids: Tensor | None
     d_sae: int
 
+    @classmethod
+    def from_entries(cls, rows: Tensor, offsets: Tensor, values: Tensor, indices: Tensor, pre: Tensor | None,
+                     tracked_ids: Tensor | None, d_sae: int) -> CapturedCompletions:
+        """From flat entries (N,) rows / offsets, (N, k) codes, (N, f) pre: how a tap records them, any order;
+        an entry repeated later (a request recomputed after preemption) replaces the earlier one."""
+        slot_of_row: dict[int, int] = {}
+        slots = torch.tensor([slot_of_row.setdefault(int(r), len(slot_of_row)) for r in rows.tolist()],
+                             dtype=torch.long)
+        store = SparseCodeStore(d_sae=d_sae, width=values.shape[-1], value_dtype=values.dtype, device=values.device,
+                                tracked=0 if pre is None else pre.shape[-1])
+        store.write(slots, offsets, values, indices, pre)
+        return cls(store, slot_of_row, tracked_ids, d_sae)
+
     def completion_activations(self, rows: list[int], text_lengths: list[int], width: int) -> CompletionActivations:
         """Activations laid out as TRL lays out ``completion_ids``: row b of the result is tag row ``rows[b]``,
-        position t is completion token t; the mask is True where a residual was captured and t < text length."""
-        device = self.values.device
-        batch, k = len(rows), self.values.shape[-1]
-        slot = torch.full((int(max(rows, default=-1)) + 1 if rows else 0,), -1, dtype=torch.long)
-        if rows:
-            slot[torch.tensor(rows)] = torch.arange(batch)
-        local = torch.full_like(self.rows, -1)
-        known = self.rows < len(slot)
-        local[known] = slot.to(self.rows.device)[self.rows[known]]
-        keep = (local >= 0) & (self.offsets < width)
-        where = (local[keep] * width + self.offsets[keep]).to(device)
-        values = self.values.new_zeros(batch * width, k).index_copy_(0, where, self.values[keep.to(device)])
-        indices = self.indices.new_zeros(batch * width, k).index_copy_(0, where, self.indices[keep.to(device)])
-        captured = torch.zeros(batch * width, dtype=torch.bool, device=device)
-        captured[where] = True
-        lengths = torch.tensor(text_lengths, dtype=torch.long, device=device)
-        mask = captured.view(batch, width) & (torch.arange(width, device=device)[None, :] < lengths[:, None])
-        pre = None
-        if self.pre is not None:
-            pre = self.pre.new_zeros(batch * width, self.pre.shape[-1]).index_copy_(0, where, self.pre[keep.to(device)])
-            pre = pre.view(batch, width, -1)
-        return CompletionActivations(values.view(batch, width, k), indices.view(batch, width, k), mask, pre,
-                                     self.tracked_ids, self.d_sae)
+        position t is completion token t; the mask is True where a residual was captured and t < text length
+        (codes off the mask are zero, as `encode_completions` leaves them)."""
+        device = self.store.device
+        slots = torch.tensor([self.slot_of_row.get(int(r), -1) for r in rows], dtype=torch.long)
+        lengths = torch.tensor(list(text_lengths), dtype=torch.long, device=device)
+        in_text = torch.arange(width, device=device)[None, :] < lengths[:, None]
+        values, indices, pre, written = self.store.grid(slots, 0, width, in_text)
+        return CompletionActivations(values, indices, written & in_text, pre, self.tracked_ids, self.d_sae)
 
 
 class VLLMResidualTap:
@@ -122,7 +120,7 @@ class VLLMResidualTap:
     """
 
     def __init__(self, llm, layer: int, *, sae: SparseAutoencoder | None = None, steer_vector: Tensor | None = None,
-                 tracked_ids: Tensor | None = None, chunk_tokens: int | None = None):
+                 tracked_ids: Tensor | None = None, chunk_tokens: int | None = None, capacity: int = 0):
         self.llm, self.runner = llm, model_runner(llm)
         require_eager(llm)
         self.layer = layer
@@ -143,7 +141,9 @@ class VLLMResidualTap:
         self._tags: dict[str, tuple[int, bool] | None] = {}
         self._pending: list[tuple[Tensor, np.ndarray, np.ndarray]] = []
         self._pending_tokens = 0
-        self._encoded: list[tuple] = []
+        self.capacity = max(int(capacity), 0)  # completion tokens per request to preallocate the code grid for
+        self._store: SparseCodeStore | None = None
+        self._slots: dict[int, int] = {}  # tag row -> slot in the store, given as rows are first encoded
 
     # -- per request ---------------------------------------------------------------------------------
 
@@ -211,7 +211,17 @@ class VLLMResidualTap:
                 acts, pre = self.sae.encode_sparse(flat, chunk_tokens=self.chunk_tokens), None
             else:
                 acts, pre = self.sae.encode_sparse_tracked(flat, self.tracked_ids, chunk_tokens=self.chunk_tokens)
-        self._encoded.append((torch.from_numpy(rows), torch.from_numpy(offsets), acts.values, acts.indices, pre))
+        unique, inverse = np.unique(rows, return_inverse=True)
+        slot_of = np.array([self._slots.setdefault(int(r), len(self._slots)) for r in unique], dtype=np.int64)
+        if self._store is None:
+            self._store = self._new_store(acts.values.shape[-1])
+        self._store.write(torch.from_numpy(slot_of[inverse]), torch.from_numpy(offsets), acts.values, acts.indices,
+                          pre)
+
+    def _new_store(self, width: int) -> SparseCodeStore:
+        tracked = 0 if self.tracked_ids is None else len(self.tracked_ids)
+        return SparseCodeStore(d_sae=self.sae.d_sae, width=width, value_dtype=self.sae.W_enc.dtype,
+                               device=self.sae.W_enc.device, tracked=tracked, capacity=self.capacity)
 
     # -- sessions ------------------------------------------------------------------------------------
 
@@ -219,7 +229,7 @@ class VLLMResidualTap:
     def session(self):
         """Install the hook for one generation call; yields self, whose `captured()` is ready after the block."""
         self._tags.clear()
-        self._pending, self._pending_tokens, self._encoded = [], 0, []
+        self._pending, self._pending_tokens, self._store, self._slots = [], 0, None, {}
         self._handle = self.module.register_forward_hook(self._hook)
         try:
             yield self
@@ -233,23 +243,9 @@ class VLLMResidualTap:
         if self.sae is None:
             raise RuntimeError("this tap has no SAE: it steers only")
         self._encode_pending()
-        device = self.sae.W_enc.device
-        width = self.sae.k or 1
-        if self._encoded:
-            rows, offsets, values, indices, pre = (list(x) for x in zip(*self._encoded))
-            width = max(v.shape[-1] for v in values)
-            values = torch.cat([torch.nn.functional.pad(v, (0, width - v.shape[-1])) for v in values])
-            indices = torch.cat([torch.nn.functional.pad(i, (0, width - i.shape[-1])) for i in indices])
-            rows, offsets = torch.cat(rows).long(), torch.cat(offsets).long()
-            pre = torch.cat(pre) if self.tracked_ids is not None else None
-        else:
-            rows = offsets = torch.zeros(0, dtype=torch.long)
-            values = torch.zeros(0, width, device=device, dtype=self.sae.W_enc.dtype)
-            indices = torch.zeros(0, width, device=device, dtype=torch.long)
-            pre = None if self.tracked_ids is None else \
-                torch.zeros(0, len(self.tracked_ids), device=device, dtype=self.sae.W_enc.dtype)
-        self._encoded = []
-        return CapturedCompletions(rows, offsets, values, indices, pre, self.tracked_ids, self.sae.d_sae)
+        store, slots = self._store or self._new_store(self.sae.k or 1), self._slots
+        self._store, self._slots = None, {}
+        return CapturedCompletions(store, slots, self.tracked_ids, self.sae.d_sae)
 
 
 @contextmanager

@@ -132,8 +132,9 @@ class SparseAutoencoder(nn.Module):
                     f"for W_enc of shape (d_sae={d_sae}, d_in={d_in})"
                 )
         for name in required:
-            # checked in slices: a whole-tensor isfinite would allocate a quarter of a float32 SAE again
-            if not all(bool(torch.isfinite(part).all()) for part in weights[name].split(4096)):
+            # checked in 1M-element slices of the flat tensor: a whole-tensor isfinite would allocate a quarter of a
+            # float32 SAE again (and W_dec's (d_in, d_sae) rows split by 4096 would be one slice)
+            if not all(bool(torch.isfinite(part).all()) for part in weights[name].reshape(-1).split(2**20)):
                 raise ValueError(f"SAE tensor {name} contains NaN or inf values")
         dtype = kwargs.pop("dtype", None) or W_enc.dtype
         # Built on the meta device, then the loaded tensors are adopted (a copy only where the dtype changes):
