@@ -164,8 +164,17 @@ def test_prefix_caching_keeps_hits_for_normal_requests_and_steers_the_prefill(tr
     block = llm.llm_engine.vllm_config.cache_config.block_size
     assert llm.llm_engine.vllm_config.cache_config.enable_prefix_caching  # TRL leaves vLLM's default on
     ids = [i for chunk in world_prompt_ids(vworld, 64) for i in chunk]
-    prompt = ids[: block + 5]  # one full, cacheable block and a tail
-    assert len(prompt) == block + 5
+    # one full, cacheable block and a tail, cut where the greedy continuation depends on the prefill being steered
+    # (Layer L's own output at later positions cannot see the prompt's steering: attention reads layer L's input,
+    # so the prefill is checked where it shows, the tokens; greedy, float32: HF generate is an exact reference)
+    prompt = everywhere = None
+    for tail in range(5, block):
+        candidate = ids[: block + tail]
+        everywhere = hf_greedy(vworld, candidate, 8, steer_vector, from_position=0)
+        if everywhere != hf_greedy(vworld, candidate, 8, steer_vector, from_position=len(candidate)):
+            prompt = candidate
+            break
+    assert prompt is not None, "no prompt cut whose continuation depends on the steered prefill"
     greedy = vllm.SamplingParams(max_tokens=8, temperature=0.0)
     llm.reset_prefix_cache()
     llm.generate([{"prompt_token_ids": prompt}], greedy, use_tqdm=False)  # fills the cache, unsteered
@@ -182,11 +191,6 @@ def test_prefix_caching_keeps_hits_for_normal_requests_and_steers_the_prefill(tr
                                                                       completions[row]), eos)
     assert_aligned(acts, 1, completions[1], hf_completion_acts(vworld.model, vworld.layer, sae, prompt,
                                                               completions[1], steer_vector), eos)
-    # Layer L's own output at later positions cannot see the prompt's steering (attention reads layer L's input),
-    # so the prefill is checked where it shows: the tokens. Greedy, float32: HF generate is an exact reference.
-    everywhere = hf_greedy(vworld, prompt, 8, steer_vector, from_position=0)
-    decode_only = hf_greedy(vworld, prompt, 8, steer_vector, from_position=len(prompt))
-    assert everywhere != decode_only  # this prompt's continuation depends on the prefill being steered
     assert completions[1] == everywhere  # ... and vLLM steered it, though its prompt blocks were in the cache
     assert completions[0] == completions[2] == hf_greedy(vworld, prompt, 8)
 
