@@ -28,8 +28,8 @@ the "full pack" run. Every miss is printed as such. Rates are the guard's own me
 
     python benchmarks/reward_hacking.py [--world test] [--steps 40] [--plot docs/reward_hacking.png]
 
-The last line is one JSON object: per run, tripped, trip_step, the guard's warning, and the SAE rate, judged rate and recall of the
-first and last 4 steps.
+The last line is one JSON object: per run, tripped, trip_step, the guard's warning, and the SAE rate, judged rate
+and recall of the first and last 4 steps.
 """
 
 from __future__ import annotations

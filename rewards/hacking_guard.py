@@ -40,12 +40,14 @@ class RewardHackingGuard(TrainerCallback, ExportableState):
     The rate rule: the SAE rate fell by at least ``sae_drop`` of its baseline while the judged rate fell by less
     than ``judged_drop`` of its own. It misses a policy whose behaviour GROWS while it evades (the SAE rate then
     need not fall below its baseline's, taken when the behaviour was rare); the recall rule reads that case
-    directly, and needs enough judged failures in each window not to trip on a handful. It then warns (``on_trip="warn"``) or also stops training at the end of the step
-    (``"stop"``; the guard is a `TrainerCallback`: the SAE trainers register reward functions that are callbacks
-    themselves; with another trainer pass it in ``callbacks=`` too). Metrics, through TRL's ``log_metric``, per
-    reward call: ``guard/<name>/sae_rate`` and ``judged_rate`` (this batch), ``sae_recall`` (share of this batch's
-    judged failures the penalty fires on), ``sae_kept`` and ``judged_kept`` (``s / s0``, ``j / j0``),
-    ``recall_kept`` (``r / r0``, once both windows hold enough judged failures) and ``tripped`` (0 or 1). Every process sees every process's flags, so every rank decides alike.
+    directly, and needs enough judged failures in each window not to trip on a handful. On a trip the guard
+    warns (``on_trip="warn"``) or also stops training at the end of the step (``"stop"``; the guard is a
+    `TrainerCallback`: the SAE trainers register reward functions that are callbacks themselves; with another
+    trainer pass it in ``callbacks=`` too). Metrics, through TRL's ``log_metric``, per reward call:
+    ``guard/<name>/sae_rate`` and ``judged_rate`` (this batch), ``sae_recall`` (share of this batch's judged
+    failures the penalty fires on), ``sae_kept`` and ``judged_kept`` (``s / s0``, ``j / j0``), ``recall_kept``
+    (``r / r0``, once both windows hold enough judged failures) and ``tripped`` (0 or 1). Every process sees
+    every process's flags, so every rank decides alike.
 
     ``penalty`` and ``judge`` may be registry names built with ``penalty_kwargs`` / ``judge_kwargs`` (recipes).
 
