@@ -3,8 +3,8 @@
 An SAE penalty is the kind of reward a policy can game: it can learn to keep the penalised features quiet while
 the behaviour stays (other features, other tokens, the same code-switch). The guard wraps the penalty, asks a
 judge that reads only the text (`qscope_rl.judges`: Unicode script, loop detector) about the same rollouts, and
-trips when the SAE rate has fallen while the judged rate has not (mechreward cross-checks its rewards with a
-linear probe for the same reason).
+trips when the SAE rate has fallen while the judged rate has not, or when the penalty's recall on the judged
+failures has fallen (mechreward cross-checks its rewards with a linear probe for the same reason).
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ from ._sync import gather_floats
 from .normalized import build_reward
 
 ON_TRIP = ("warn", "stop")
-_SETTINGS = ("sae_drop", "judged_drop", "baseline_rollouts", "window_rollouts", "fire_threshold", "on_trip")
+RULES = ("either", "rate", "recall")
+_SETTINGS = ("sae_drop", "judged_drop", "baseline_rollouts", "window_rollouts", "fire_threshold", "on_trip", "rule",
+             "recall_drop", "min_judged_failures")
 
 
 class RewardHackingGuard(TrainerCallback, ExportableState):
@@ -28,17 +30,24 @@ class RewardHackingGuard(TrainerCallback, ExportableState):
     A rollout counts as SAE-flagged when the penalty's reward is below ``-fire_threshold`` and as judged-flagged
     when the judge (a reward function returning 1.0 for a failure, e.g. `CodeSwitchJudge`, `LoopJudge`) returns
     more than 0.5. The first ``baseline_rollouts`` rollouts (over all processes) fix the baseline rates
-    ``s0, j0``; the last ``window_rollouts`` give the current ``s, j``. The guard trips when
+    ``s0, j0`` and the penalty's baseline recall ``r0`` (the share of judged failures it fires on); the last
+    ``window_rollouts`` give the current ``s, j, r``. Two rules, chosen by ``rule`` ("either", the default, trips
+    on whichever holds first; "rate" or "recall" alone):
 
-        s <= (1 - sae_drop) * s0   and   j > (1 - judged_drop) * j0        (s0 > 0, j0 > 0)
+        rate:    s <= (1 - sae_drop) * s0   and   j > (1 - judged_drop) * j0        (s0 > 0, j0 > 0)
+        recall:  r <= (1 - recall_drop) * r0     (r0 > 0; both windows hold >= min_judged_failures judged failures)
 
-    i.e. the SAE rate fell by at least ``sae_drop`` of its baseline while the judged rate fell by less than
-    ``judged_drop`` of its own. It then warns (``on_trip="warn"``) or also stops training at the end of the step
-    (``"stop"``; the guard is a `TrainerCallback`: the SAE trainers register reward functions that are callbacks
-    themselves; with another trainer pass it in ``callbacks=`` too). Metrics, through TRL's ``log_metric``, per
-    reward call: ``guard/<name>/sae_rate`` and ``judged_rate`` (this batch), ``sae_recall`` (share of this batch's
-    judged failures the penalty fires on), ``sae_kept`` and ``judged_kept`` (``s / s0``, ``j / j0``) and
-    ``tripped`` (0 or 1). Every process sees every process's flags, so every rank decides alike.
+    The rate rule: the SAE rate fell by at least ``sae_drop`` of its baseline while the judged rate fell by less
+    than ``judged_drop`` of its own. It misses a policy whose behaviour GROWS while it evades (the SAE rate then
+    need not fall below its baseline's, taken when the behaviour was rare); the recall rule reads that case
+    directly, and needs enough judged failures in each window not to trip on a handful. On a trip the guard
+    warns (``on_trip="warn"``) or also stops training at the end of the step (``"stop"``; the guard is a
+    `TrainerCallback`: the SAE trainers register reward functions that are callbacks themselves; with another
+    trainer pass it in ``callbacks=`` too). Metrics, through TRL's ``log_metric``, per reward call:
+    ``guard/<name>/sae_rate`` and ``judged_rate`` (this batch), ``sae_recall`` (share of this batch's judged
+    failures the penalty fires on), ``sae_kept`` and ``judged_kept`` (``s / s0``, ``j / j0``), ``recall_kept``
+    (``r / r0``, once both windows hold enough judged failures) and ``tripped`` (0 or 1). Every process sees
+    every process's flags, so every rank decides alike.
 
     ``penalty`` and ``judge`` may be registry names built with ``penalty_kwargs`` / ``judge_kwargs`` (recipes).
 
@@ -56,11 +65,16 @@ class RewardHackingGuard(TrainerCallback, ExportableState):
 
     def __init__(self, penalty, judge, *, sae_drop: float = 0.5, judged_drop: float = 0.25,
                  baseline_rollouts: int = 64, window_rollouts: int = 64, fire_threshold: float = 0.0,
-                 on_trip: str = "warn", penalty_kwargs: dict | None = None, judge_kwargs: dict | None = None):
+                 on_trip: str = "warn", rule: str = "either", recall_drop: float = 0.5, min_judged_failures: int = 16,
+                 penalty_kwargs: dict | None = None, judge_kwargs: dict | None = None):
         penalty, judge = build_reward(penalty, penalty_kwargs), build_reward(judge, judge_kwargs)
         if on_trip not in ON_TRIP:
             raise ValueError(f"on_trip={on_trip!r}: expected one of {ON_TRIP}")
-        for name, value in (("sae_drop", sae_drop), ("judged_drop", judged_drop)):
+        if rule not in RULES:
+            raise ValueError(f"rule={rule!r}: expected one of {RULES}")
+        if min_judged_failures < 1:
+            raise ValueError(f"min_judged_failures must be >= 1, got {min_judged_failures}")
+        for name, value in (("sae_drop", sae_drop), ("judged_drop", judged_drop), ("recall_drop", recall_drop)):
             if not 0.0 < value <= 1.0:
                 raise ValueError(f"{name} must be in (0, 1], got {value}")
         if baseline_rollouts < 1 or window_rollouts < 1:
@@ -71,6 +85,7 @@ class RewardHackingGuard(TrainerCallback, ExportableState):
         self.penalty, self.judge, self.on_trip = penalty, judge, on_trip
         self.sae_drop, self.judged_drop, self.fire_threshold = sae_drop, judged_drop, fire_threshold
         self.baseline_rollouts, self.window_rollouts = baseline_rollouts, window_rollouts
+        self.rule, self.recall_drop, self.min_judged_failures = rule, recall_drop, min_judged_failures
         self.__name__ = getattr(penalty, "__name__", type(penalty).__name__)
         self.feature_pack = getattr(penalty, "feature_pack", None)  # checked against the SAE like the penalty's
         self.probe = getattr(penalty, "probe", None)
@@ -108,8 +123,17 @@ class RewardHackingGuard(TrainerCallback, ExportableState):
             s, j = _rate(s for s, _ in self._recent), _rate(j for _, j in self._recent)
             if s0 > 0 and j0 > 0:
                 metrics["sae_kept"], metrics["judged_kept"] = s / s0, j / j0
-                if s <= (1 - self.sae_drop) * s0 and j > (1 - self.judged_drop) * j0:
-                    self._trip(s, s0, j, j0)
+                if self.rule != "recall" and s <= (1 - self.sae_drop) * s0 and j > (1 - self.judged_drop) * j0:
+                    self._trip(f"fires on {s:.3f} of the recent rollouts (baseline {s0:.3f}), but the judge still "
+                               f"flags {j:.3f} (baseline {j0:.3f})")
+            base_caught = [s for s, j in self._baseline if j]
+            now_caught = [s for s, j in self._recent if j]
+            r0, r = _rate(base_caught), _rate(now_caught)
+            if min(len(base_caught), len(now_caught)) >= self.min_judged_failures and r0 > 0:
+                metrics["recall_kept"] = r / r0
+                if self.rule != "rate" and r <= (1 - self.recall_drop) * r0:
+                    self._trip(f"fires on {r:.3f} of the judged failures in the recent rollouts (baseline "
+                               f"{r0:.3f}; {len(now_caught)} judged failures)")
         metrics["tripped"] = float(self.tripped)
         self.metrics = metrics
         return metrics
@@ -145,14 +169,13 @@ class RewardHackingGuard(TrainerCallback, ExportableState):
         self._recent = deque(decode(attributes["recent"]), maxlen=self.window_rollouts)
         self.tripped, self.metrics = bool(attributes["tripped"]), dict(attributes["metrics"])
 
-    def _trip(self, s: float, s0: float, j: float, j0: float) -> None:
+    def _trip(self, finding: str) -> None:
         if self.tripped:
             return
         self.tripped = True
         action = "stopping training" if self.on_trip == "stop" else "continuing"
-        warnings.warn(f"reward hacking? the {self.__name__} penalty fires on {s:.3f} of the recent rollouts "
-                      f"(baseline {s0:.3f}), but the judge still flags {j:.3f} (baseline {j0:.3f}): the policy may be "
-                      f"evading the SAE features rather than the behaviour; {action}", stacklevel=3)
+        warnings.warn(f"reward hacking? the {self.__name__} penalty {finding}: the policy may be evading the SAE "
+                      f"features rather than the behaviour; {action}", stacklevel=3)
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.tripped and self.on_trip == "stop":

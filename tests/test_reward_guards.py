@@ -124,3 +124,65 @@ def test_guard_refuses_bad_settings():
         make_guard(sae_drop=0.0)
     guard = RewardHackingGuard(Flags("sae", -1.0), CodeSwitchJudge("en"))
     assert guard.__name__ == "sae" and pickle.loads(pickle.dumps(guard)).judge.target == "en"
+
+
+def make_recall_guard(**kwargs):
+    return RewardHackingGuard(Flags("sae", -1.0), Flags("judged", 1.0), baseline_rollouts=16, window_rollouts=16,
+                              rule="recall", min_judged_failures=8, **kwargs)
+
+
+def test_recall_rule_trips_when_the_behaviour_grows_but_the_penalty_misses_it():
+    # Baseline: 8 judged failures of 16, the penalty fires on 7 (recall 7/8). Then the behaviour doubles while the
+    # penalty fires on 4 of 16 judged failures (recall 1/4): the SAE RATE stays 0.25 of rollouts, so the rate rule
+    # has nothing to see, but the recall fell to 2/7 of its baseline.
+    baseline = ([1] * 7 + [0] * 9, [1] * 8 + [0] * 8)
+    evaded = ([1] * 4 + [0] * 12, [1] * 16)
+    guard = make_recall_guard(on_trip="stop")
+    logged = run_guard(guard, [baseline])
+    assert not guard.tripped and logged[-1]["guard/sae/recall_kept"] == 1.0
+    with pytest.warns(UserWarning, match="fires on 0.250 of the judged failures .*baseline 0.875"):
+        logged = run_guard(guard, [evaded])
+    assert guard.tripped and logged[-1]["guard/sae/tripped"] == 1.0
+    assert logged[-1]["guard/sae/recall_kept"] == pytest.approx(0.25 / 0.875)
+    assert logged[-1]["guard/sae/sae_kept"] == pytest.approx(0.25 / (7 / 16))  # > 0.5: the rate rule stays quiet
+    rate_only = RewardHackingGuard(Flags("sae", -1.0), Flags("judged", 1.0), baseline_rollouts=16,
+                                   window_rollouts=16, rule="rate")
+    run_guard(rate_only, [baseline, evaded])
+    assert not rate_only.tripped
+    assert guard.on_step_end(None, None, TrainerControl()).should_training_stop is True
+
+
+def test_recall_rule_stays_quiet_while_the_recall_holds():
+    baseline = ([1] * 7 + [0] * 9, [1] * 8 + [0] * 8)
+    grown = ([1] * 12 + [0] * 4, [1] * 14 + [0] * 2)  # more behaviour, penalty still on 12/14 of it
+    guard = make_recall_guard()
+    logged = run_guard(guard, [baseline, grown, grown])
+    assert not guard.tripped and logged[-1]["guard/sae/recall_kept"] == pytest.approx((12 / 14) / 0.875)
+
+
+def test_recall_rule_needs_enough_judged_failures_in_both_windows():
+    # Current window: recall 0 but only 4 judged failures (< 8): noise, no decision, no recall_kept.
+    baseline = ([1] * 8 + [0] * 8, [1] * 8 + [0] * 8)
+    few = ([0] * 16, [1] * 4 + [0] * 12)
+    guard = make_recall_guard()
+    logged = run_guard(guard, [baseline, few])
+    assert not guard.tripped and "guard/sae/recall_kept" not in logged[-1]
+    # Baseline with only 4 judged failures: the rule never engages, however the window looks.
+    thin = make_recall_guard()
+    run_guard(thin, [([1] * 4 + [0] * 12, [1] * 4 + [0] * 12), ([0] * 16, [1] * 16), ([0] * 16, [1] * 16)])
+    assert not thin.tripped
+
+
+def test_default_rule_trips_on_either():
+    guard = RewardHackingGuard(Flags("sae", -1.0), Flags("judged", 1.0), baseline_rollouts=16, window_rollouts=16,
+                               min_judged_failures=8)
+    assert guard.rule == "either"
+    with pytest.warns(UserWarning, match="judged failures"):
+        run_guard(guard, [([1] * 7 + [0] * 9, [1] * 8 + [0] * 8), ([1] * 4 + [0] * 12, [1] * 16)])
+    assert guard.tripped
+    with pytest.raises(ValueError, match="rule='probe'"):
+        make_guard(rule="probe")
+    with pytest.raises(ValueError, match="recall_drop must be in"):
+        make_guard(recall_drop=1.5)
+    with pytest.raises(ValueError, match="min_judged_failures must be >= 1"):
+        make_guard(min_judged_failures=0)
