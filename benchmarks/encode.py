@@ -3,7 +3,8 @@
 Same shapes for every path, measured side by side in one run (random SAE, Qwen3-1.7B-sized by default:
 d_in 2048, d_sae 32768, k 50, N = 16,384 tokens), the paths interleaved in every repeat. Paths: `matmul` (the
 bare ``x @ W_enc.T``, the floor of any encoder), `dense` (`encode`: top-k scattered into (N, d_sae)), `sparse`
-(`encode_sparse`, with the blocked CPU top-k of `topk_codes`) and `sparse_plain` (the same with torch.topk).
+(`encode_sparse`, with the blocked CPU top-k of `topk_codes`), `sparse_plain` (the same with torch.topk) and
+`sparse_trainer_chunk` (blocked, in the chunk the trainers use, `memory_bounded_chunk()`: 102 tokens at 1.7B).
 Peak memory is each path's growth of the process's peak RSS (CPU) or of `torch.cuda.max_memory_allocated`,
 measured in a fresh subprocess per path so that one path's allocations cannot hide another's. On CUDA the SAE
 is fp32 (`--dtype bfloat16` for bf16) and the timings synchronise.
@@ -46,6 +47,9 @@ def run_path(name: str, sae: SparseAutoencoder, x: torch.Tensor):
         out = F.linear(x, sae.W_enc)  # the bare x @ W_enc.T: the cost floor of any encoder
     elif name == "dense":
         out = sae.encode(x)  # dense pre-activations, top-k, scatter into a dense (N, d_sae) tensor
+    elif name == "sparse_trainer_chunk":  # the chunk the trainers encode rollouts in (5% of the SAE's weights)
+        sae.topk_block = SparseAutoencoder.topk_block
+        out = sae.encode_sparse(x, chunk_tokens=sae.memory_bounded_chunk())
     else:
         sae.topk_block = None if name == "sparse_plain" else SparseAutoencoder.topk_block
         out = sae.encode_sparse(x)
@@ -101,7 +105,7 @@ def main() -> None:
     device = torch.cuda.get_device_name() if DEVICE == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"shapes: N={args.tokens} tokens, d_in={args.d_in}, d_sae={args.d_sae}, k={args.k}, {args.dtype} SAE; "
           f"{device}; load average {os.getloadavg()[0]:.1f}")
-    paths = ("matmul", "dense", "sparse", "sparse_plain")
+    paths = ("matmul", "dense", "sparse", "sparse_plain", "sparse_trainer_chunk")
     times = {p: [] for p in paths}
     with torch.no_grad():
         for p in paths:
@@ -115,7 +119,7 @@ def main() -> None:
             print(f"repeat {r + 1}/{args.repeats}: " + ", ".join(f"{p} {times[p][-1]:.2f}s" for p in paths),
                   flush=True)
     best = {p: min(t) for p, t in times.items()}
-    memory = {p: memory_of(p, args) for p in paths if p != "sparse_plain"}  # the top-k's width is all it changes
+    memory = {p: memory_of(p, args) for p in paths if p in ("matmul", "dense", "sparse")}  # the others: chunking
     print(f"{'path':<13} {'best s':>8} {'ktok/s':>8} {'peak MiB':>9}")
     for p in paths:
         peak = memory.get(p, float("nan")) / 2**20
@@ -125,6 +129,7 @@ def main() -> None:
         "sparse_vs_dense": round(best["dense"] / best["sparse"], 3),
         "blocked_topk_speedup": round(best["sparse_plain"] / best["sparse"], 3),
         "sparse_plain_vs_matmul": round(best["matmul"] / best["sparse_plain"], 3),
+        "sparse_trainer_chunk_vs_matmul": round(best["matmul"] / best["sparse_trainer_chunk"], 3),
         "sparse_mem_vs_dense": round(memory["sparse"] / max(memory["dense"], 1), 4),
         "peak_mib": {p: round(m / 2**20, 1) for p, m in memory.items()},
         "tokens": args.tokens, "d_in": args.d_in, "d_sae": args.d_sae, "k": args.k, "device": DEVICE,

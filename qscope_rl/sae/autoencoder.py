@@ -132,9 +132,12 @@ class SparseAutoencoder(nn.Module):
                     f"for W_enc of shape (d_sae={d_sae}, d_in={d_in})"
                 )
         for name in required:
-            # checked in 1M-element slices of the flat tensor: a whole-tensor isfinite would allocate a quarter of a
-            # float32 SAE again (and W_dec's (d_in, d_sae) rows split by 4096 would be one slice)
-            if not all(bool(torch.isfinite(part).all()) for part in weights[name].reshape(-1).split(2**20)):
+            # checked in slices of about 64K elements (rows of a 2-D tensor, no copy): isfinite allocates an abs()
+            # copy and two masks of its input, 1.75x a whole float32 W_dec; split by 4096 rows, W_dec's (d_in, d_sae)
+            # was one slice, and that transient was the trainers' largest memory cost (benchmarks/real_shape.py)
+            tensor = weights[name]
+            rows = max(1, 2**16 // max(tensor[0].numel() if tensor.ndim > 1 else 1, 1))
+            if not all(bool(torch.isfinite(part).all()) for part in tensor.split(rows)):
                 raise ValueError(f"SAE tensor {name} contains NaN or inf values")
         dtype = kwargs.pop("dtype", None) or W_enc.dtype
         # Built on the meta device, then the loaded tensors are adopted (a copy only where the dtype changes):
