@@ -139,6 +139,9 @@ class SAEVLLMMixin:
         acts = captured.completion_activations(rows, [len(c) for c in completion_ids], width)
         # One rule for which tokens count, as under HF generation and the forward (`detection_mask`).
         acts.mask &= detection_mask(completion_ids, self._eos_token_ids(), tool_mask, device=acts.mask.device)
+        off = ~acts.mask.unsqueeze(-1)  # codes off the mask are zero, as under HF generation and the forward
+        for codes in (acts.values, acts.indices) + ((acts.pre,) if acts.pre is not None else ()):
+            codes.masked_fill_(off, 0)
         self.sae_capture_path = "generation"
         self._metrics["train" if self.model.training else "eval"]["sae/capture_forward"].append(0.0)
         return acts
