@@ -50,6 +50,7 @@ from qscope_rl.demo.classify_tasks import TASKS, world_classification
 from qscope_rl.demo.measures import format_curve
 from qscope_rl.demo.redundancy_benchmarks import (
     ASYMMETRIC_PAIR,
+    min_cell_size,
     model_family_scores,
     spearman,
     world_benchmarks,
@@ -252,7 +253,8 @@ def bench_redundancy(world, sae, plots: Path | None) -> dict:
     feats = encode_texts(world.model, world.tokenizer, sae, texts, progress=False)
     prints = {where: footprints_of(feats, where) for where in ("last", "any")}  # the report's, ours
     scores = model_family_scores(world, texts, progress=False)
-    per_benchmark = 48 if len(docs) >= 800 else 16
+    # 48 documents per benchmark (v1 default world), at most what the smallest (topic, language) cell holds
+    per_benchmark = min(48 if len(docs) >= 800 else 16, min_cell_size(world))
     a, b = ASYMMETRIC_PAIR
     out = {}
     for where, suffix in (("last", ""), ("any", "_any")):

@@ -128,10 +128,20 @@ def test_world_benchmarks_and_model_family(world):
         ASYMMETRIC_PAIR,
         benchmark_cells,
         document_losses,
+        min_cell_size,
         model_family_scores,
         world_benchmarks,
     )
 
+    smallest = min_cell_size(world)
+    cells = {}
+    for d in world.documents("heldout"):
+        cells[(d.topic, d.lang)] = cells.get((d.topic, d.lang), 0) + 1
+    assert smallest == min(cells.values())
+    world_benchmarks(world, per_benchmark=smallest, seed=1)  # the largest size every one-cell benchmark can fill
+    single = next(cs[0] for name, cs in benchmark_cells(world).items() if len(cs) == 1 and not name.endswith("-dup"))
+    with pytest.raises(ValueError, match=f"of topic '{single[0]}' in '{single[1]}'.*per_benchmark <= {smallest}"):
+        world_benchmarks(world, per_benchmark=cells[single] + 1, seed=1)
     index, truth = world_benchmarks(world, per_benchmark=12, seed=1)
     assert len(index) >= 12 and all(len(v) == 12 for v in index.values())
     assert len(set(index["T0-dup"])) == 8

@@ -45,6 +45,14 @@ def benchmark_cells(world) -> dict[str, list[tuple[str, str]]]:
     }
 
 
+def min_cell_size(world) -> int:
+    """Held-out documents in the world's smallest (topic, language) cell: the largest benchmark one cell can fill."""
+    counts: dict[tuple[str, str], int] = {}
+    for d in world.documents("heldout"):
+        counts[(d.topic, d.lang)] = counts.get((d.topic, d.lang), 0) + 1
+    return min(counts.values())
+
+
 def world_benchmarks(world, per_benchmark: int = 48, seed: int = 0, duplicates: int = 8):
     """({name: indices into world.documents("heldout")}, {(a, b): true overlap}) for one draw of documents."""
     docs = world.documents("heldout")
@@ -60,6 +68,12 @@ def world_benchmarks(world, per_benchmark: int = 48, seed: int = 0, duplicates: 
             out[name] = [distinct[i % duplicates] for i in range(per_benchmark)]
             continue
         per_cell = [per_benchmark // len(cells) + (j < per_benchmark % len(cells)) for j in range(len(cells))]
+        short = [(c, k) for c, k in zip(cells, per_cell) if len(by_cell.get(c, ())) < k]
+        if short:
+            (topic, lang), k = short[0]
+            raise ValueError(f"benchmark {name!r} needs {k} held-out documents of topic {topic!r} in {lang!r}, the "
+                             f"world has {len(by_cell.get((topic, lang), ()))}: ask for per_benchmark <= "
+                             f"{min_cell_size(world)}")
         out[name] = [i for c, k in zip(cells, per_cell) for i in rng.sample(by_cell[c], k)]
     truth = {(a, b): len(set(spec[a]) & set(spec[b])) / len(set(spec[a])) for a in spec for b in spec if a != b}
     return out, truth
