@@ -82,11 +82,10 @@ def regime_rates(judged: list[dict]) -> dict:
     rates["lingua_false_positive_rate_en"] = _rate(clean, "lingua_code_switch")
     # indifference of the task reward: what failing samples earn beside clean ones
     rates["topic_reward_mean"] = _mean([j["task_reward"] for j in judged])
-    ok = [j for j in judged if not j["code_switch"] and not j["loop"]]
-    for name, rows in (("clean", ok), ("switch", [j for j in judged if j["code_switch"]]),
-                       ("loop", [j for j in judged if j["loop"]])):
-        rates[f"task_reward_{name}"] = _mean([j["task_reward"] for j in rows])
     switched, looped = [j for j in judged if j["code_switch"]], [j for j in judged if j["loop"]]
+    ok = [j for j in judged if not j["code_switch"] and not j["loop"]]
+    for name, rows in (("clean", ok), ("switch", switched), ("loop", looped)):
+        rates[f"task_reward_{name}"] = _mean([j["task_reward"] for j in rows])
     rates["switch_after_answer_share"] = 1 - _rate(switched, "switch_in_answer") if switched else None
     rates["loop_after_answer_share"] = _rate(looped, "loop_after_answer") if looped else None
     return rates

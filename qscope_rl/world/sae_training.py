@@ -97,9 +97,10 @@ def train_sae(x: torch.Tensor, spec: SAESpec):
         opt.step()
         opt.zero_grad(set_to_none=True)
         sae.set_decoder_norm_to_unit_norm()
+        fired = out.latent_indices[out.latent_acts > 0]
         tokens_since_fired += spec.batch_size
-        tokens_since_fired[out.latent_indices[out.latent_acts > 0]] = 0
-        fired_this_epoch[out.latent_indices[out.latent_acts > 0]] = True
+        tokens_since_fired[fired] = 0
+        fired_this_epoch[fired] = True
         if (step + 1) % steps_per_epoch == 0:  # an epoch ends
             if spec.resample_dead and step + 1 < total:
                 resample_dead_latents(sae, opt, x, ~fired_this_epoch, gen)
@@ -130,10 +131,10 @@ def resample_dead_latents(sae, opt: torch.optim.Optimizer, x: torch.Tensor, dead
     sae.W_dec.data[idx] = directions
     sae.encoder.weight.data[idx] = directions * 0.2 * alive_norm
     sae.encoder.bias.data[idx] = 0.0
-    for param, rows in ((sae.W_dec, idx), (sae.encoder.weight, idx), (sae.encoder.bias, idx)):
+    for param in (sae.W_dec, sae.encoder.weight, sae.encoder.bias):
         for buf in opt.state.get(param, {}).values():
             if torch.is_tensor(buf) and buf.dim() > 0:
-                buf[rows] = 0.0
+                buf[idx] = 0.0
     return len(idx)
 
 

@@ -1,11 +1,11 @@
 """The world's verifiable RL task: "continue on topic T, and answer in one sentence".
 
 A prompt is a clean document opening (one sentence) about topic T in one language. The completion's
-answer is its first sentence, which ends with the answer mark ∎ (`corpus.ANSWER_MARK`) in every language, as a
-math answer ends in its final `\\boxed{}`;
-the reward is the number of DISTINCT concepts of topic T's vocabulary per word of that answer, judged by
-the world's ground truth (the lexicon), so it needs no model. A completion that never finishes its
-answer sentence earns 0 (no answer), as a verifier fails a solution with no final answer.
+answer is its text up to the answer mark ∎ (`corpus.ANSWER_MARK`, the same in every language, as a math
+answer ends in its final `\\boxed{}`): one sentence in the corpus. The reward is the number of DISTINCT
+concepts of topic T's vocabulary per word of that answer, judged by the world's ground truth (the
+lexicon), so it needs no model. A completion that never writes the
+answer mark earns 0 (no answer), as a verifier fails a solution with no final answer.
 
 How this mirrors the real case (and why the failures survive the task reward alone):
 - like a math verifier it reads the answer only: whatever comes after the answer sentence (where the
@@ -76,6 +76,8 @@ def topic_word_share(completion: str, topic_words: set[str], zh_words: set[str])
 
 
 MIN_WORDS = 6  # about the length of a clean answer sentence: shorter ones are scored as if this long
+
+
 def answer_of(completion: str) -> str | None:
     """The completion's answer: its text up to and including the first answer mark (∎); None if none."""
     end = completion.find(ANSWER_MARK)
@@ -84,12 +86,12 @@ def answer_of(completion: str) -> str | None:
 
 def topic_reward(completion: str, topic_words: Mapping[str, Hashable] | set[str], zh_words: set[str],
                  min_words: int = MIN_WORDS) -> float:
-    """Distinct topic concepts per word of the completion's answer (its first sentence), in [0, 1].
+    """Distinct topic concepts per word of the completion's answer (its text up to the answer mark), in [0, 1].
 
     ``topic_words`` maps each topic word (in any language) to its concept: the i-th word of a topic in every
     language is the same concept (`concept_map`), so a word and its counterpart in another language count
-    once. A plain set makes every word its own concept. 0 when the completion has no complete answer
-    sentence. The count of words is at least `min_words`, so a policy cannot raise its reward by saying less.
+    once. A plain set makes every word its own concept. 0 when the completion has no answer mark. The count of
+    words is at least `min_words`, so a policy cannot raise its reward by saying less.
     """
     answer = answer_of(completion)
     if answer is None:
