@@ -83,8 +83,7 @@ class SAETrainerMixin(FeatureTableMixin, SAEMetricsMixin, SAECheckpointMixin):
             decoder_layer(self.model, args.sae_layer)  # a clear error if the policy has no such layer
         dtype = getattr(torch, args.sae_dtype) if args.sae_dtype else None
         sae = load_sae(args.sae_source, args.sae_layer, sae_id=args.sae_id, k=args.sae_k,
-                       device=self.accelerator.device,
-                       dtype=dtype)
+                       device=self.accelerator.device, dtype=dtype)
         self.sae_layer = sae.layer if args.sae_layer is None else args.sae_layer
         if self.sae_layer is None:
             raise ValueError(f"the SAE {args.sae_source} does not say which layer it reads: set sae_layer")
@@ -203,10 +202,13 @@ class SAETrainerMixin(FeatureTableMixin, SAEMetricsMixin, SAECheckpointMixin):
         if self.generation_capture_store != "sparse":
             raise ValueError(f"generation_capture_store={self.generation_capture_store!r}: expected 'sparse' or "
                              f"'dense'")
-        capacity = getattr(self, "max_completion_length", None) or self.args.max_completion_length or 0
         return GenerationCapture(prompt_width, SparseCapture(
             self.sae, tracked_ids=self._tracked_ids, prompt_length=prompt_width,
-            chunk_tokens=self.sae.memory_bounded_chunk(), capacity=capacity))
+            chunk_tokens=self.sae.memory_bounded_chunk(), capacity=self._completion_capacity()))
+
+    def _completion_capacity(self) -> int:
+        """Completion positions a capture store preallocates for (it grows past them)."""
+        return getattr(self, "max_completion_length", None) or self.args.max_completion_length or 0
 
     def _encode_rollouts(self, prompt_ids: list[list[int]], completion_ids: list[list[int]], tool_mask=None):
         """Sparse SAE activations of every completion token, aligned to `completion_ids` (see `detection_mask`)."""

@@ -97,7 +97,7 @@ class SAEVLLMMixin:
             self.vllm_generation.llm, self.sae_layer, sae=self.sae if capture else None,
             steer_vector=self._amplify_vector, tracked_ids=self._tracked_ids if capture else None,
             chunk_tokens=self.sae.memory_bounded_chunk(),
-            capacity=getattr(self, "max_completion_length", None) or self.args.max_completion_length or 0)
+            capacity=self._completion_capacity())
 
     def _uses_vllm_tap(self) -> bool:
         if not (getattr(self, "use_vllm", False) and self.vllm_mode == "colocate"):
@@ -136,12 +136,9 @@ class SAEVLLMMixin:
         first = self.accelerator.process_index * len(completion_ids)
         rows = list(range(first, first + len(completion_ids)))
         width = max((len(c) for c in completion_ids), default=0)
-        acts = captured.completion_activations(rows, [len(c) for c in completion_ids], width)
         # One rule for which tokens count, as under HF generation and the forward (`detection_mask`).
-        acts.mask &= detection_mask(completion_ids, self._eos_token_ids(), tool_mask, device=acts.mask.device)
-        off = ~acts.mask.unsqueeze(-1)  # codes off the mask are zero, as under HF generation and the forward
-        for codes in (acts.values, acts.indices) + ((acts.pre,) if acts.pre is not None else ()):
-            codes.masked_fill_(off, 0)
+        counted = detection_mask(completion_ids, self._eos_token_ids(), tool_mask)
+        acts = captured.completion_activations(rows, [len(c) for c in completion_ids], width, mask=counted)
         self.sae_capture_path = "generation"
         self._metrics["train" if self.model.training else "eval"]["sae/capture_forward"].append(0.0)
         return acts

@@ -99,16 +99,19 @@ class CapturedCompletions:
         store.write(slots, offsets, values, indices, pre)
         return cls(store, slot_of_row, tracked_ids, d_sae)
 
-    def completion_activations(self, rows: list[int], text_lengths: list[int], width: int) -> CompletionActivations:
+    def completion_activations(self, rows: list[int], text_lengths: list[int], width: int,
+                               mask: Tensor | None = None) -> CompletionActivations:
         """Activations laid out as TRL lays out ``completion_ids``: row b of the result is tag row ``rows[b]``,
-        position t is completion token t; the mask is True where a residual was captured and t < text length
-        (codes off the mask are zero, as `encode_completions` leaves them)."""
+        position t is completion token t; the mask is True where a residual was captured, t < text length and
+        the optional (B, width) ``mask`` holds (codes off the mask are zero, as `encode_completions` leaves them)."""
         device = self.store.device
         slots = torch.tensor([self.slot_of_row.get(int(r), -1) for r in rows], dtype=torch.long)
         lengths = torch.tensor(list(text_lengths), dtype=torch.long, device=device)
-        in_text = torch.arange(width, device=device)[None, :] < lengths[:, None]
-        values, indices, pre, written = self.store.grid(slots, 0, width, in_text)
-        return CompletionActivations(values, indices, written & in_text, pre, self.tracked_ids, self.d_sae)
+        keep = torch.arange(width, device=device)[None, :] < lengths[:, None]
+        if mask is not None:
+            keep &= mask.to(device=device, dtype=torch.bool)
+        values, indices, pre, written = self.store.grid(slots, 0, width, keep)
+        return CompletionActivations(values, indices, written & keep, pre, self.tracked_ids, self.d_sae)
 
 
 class VLLMResidualTap:
