@@ -3,8 +3,8 @@ Qwen-Scope report measures them.
 
     python benchmarks/utilities.py [--world-size {default,test}] [--world-seed N | --world-dir DIR] [--plots DIR]
 
-``--world-seed`` picks the world seed where the world API has one (world v2, issue 16: ``load_world(size,
-seed=N)``); on a world API without seeds only seed 0 (the preset) is accepted, and any other seed is refused.
+``--world-seed`` picks the world seed (``load_world(size, seed=N)``); ``--world-dir`` measures a built world's
+folder instead.
 
 Everything is judged by the world's ground truth (topic vocabularies, Unicode script, the corpus's labels), never
 by the SAE. Every setting and measure is fixed up front, in the modules that run them:
@@ -37,7 +37,6 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
-import inspect  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
@@ -295,13 +294,10 @@ def bench_world(size: str, seed: int, world_dir: str | None) -> World:
     if world_dir:
         if seed:
             raise SystemExit("error: --world-seed and --world-dir exclude each other (the folder fixes the seed)")
+        if not (Path(world_dir) / "stats.json").is_file():
+            raise SystemExit(f"error: --world-dir {world_dir} is not a built world (no stats.json there)")
         return World(world_dir)
-    if "seed" in inspect.signature(load_world).parameters:
-        return load_world(size, seed=seed)
-    if seed:
-        raise SystemExit(f"error: --world-seed {seed}: this version's world has no seed parameter (world seeds "
-                         "land with world v2, issue 16); only seed 0, the preset, can be measured")
-    return load_world(size)
+    return load_world(size, seed=seed)
 
 
 def main(argv=None) -> int:
