@@ -71,6 +71,7 @@ from qscope_rl.tools.synthesize import (
     unguided,
 )
 from qscope_rl.world import SIZES, World, load_world
+from qscope_rl.world.kernels import pin_kernels  # noqa: E402
 
 THROUGHPUT_PAIRS = 4
 DRAWS = 10  # redundancy: draws of the benchmark documents (draw 0 is the headline, the rest show the spread)
@@ -311,6 +312,7 @@ def main(argv=None) -> int:
     parser.add_argument("--synth-rounds", type=int, default=SYNTH_ROUNDS,
                         help=f"synthesize: attempts per target at most (default {SYNTH_ROUNDS})")
     args = parser.parse_args(argv)
+    pin_kernels()  # the same numbers on every machine (qscope_rl.world.kernels), with 2 threads
     torch.set_num_threads(2)
     t0, cpu0 = time.perf_counter(), time.process_time()
     if args.world_seed < 0:

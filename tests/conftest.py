@@ -7,6 +7,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import pytest  # noqa: E402
 
 from qscope_rl.world import load_world  # noqa: E402
+from qscope_rl.world.kernels import pin_kernels  # noqa: E402
+
+# The pinned CPU kernels (qscope_rl.world.kernels), before any test computes: the test world is built in this
+# process (so tests can patch the builder) and every machine builds the same one.
+pin_kernels()
 
 
 @pytest.fixture(scope="session")

@@ -108,6 +108,13 @@ class SAEArguments(SAESourceArguments):
     amplify_top_n: int = field(default=1, metadata={"help": "How many of the pack's top features to amplify."})
     amplify_num_rollouts: int = field(
         default=1, metadata={"help": "m: rollouts per group of num_generations generated with amplification."})
+    amplify_importance_cap: float | None = field(
+        default=3.0,
+        metadata={"help": "Amplified rollouts are samples of the steered policy, not of the policy being trained: "
+                  "each of their tokens' loss is weighted by min(pi/mu, cap), pi the policy's and mu the steered "
+                  "policy's probability of the token (truncated importance sampling, as TRL corrects vLLM's sampler; "
+                  "cap as TRL's vllm_importance_sampling_clip_max). None treats them as on-policy samples."},
+    )
     sae_log_top_features: int = field(
         default=3, metadata={"help": "How many of the most active problem features to log each step."})
     sae_feature_table_examples: int = field(
@@ -144,6 +151,8 @@ class SAEArguments(SAESourceArguments):
                                  f"{self.amplify_num_rollouts} with num_generations={num_generations}")
             if self.amplify_top_n < 1:
                 raise ValueError(f"amplify_top_n must be >= 1, got {self.amplify_top_n}")
+            if self.amplify_importance_cap is not None and not self.amplify_importance_cap > 0:
+                raise ValueError(f"amplify_importance_cap must be > 0 or None, got {self.amplify_importance_cap}")
         if getattr(self, "use_vllm", False) and getattr(self, "vllm_mode", None) == "server":
             # A vLLM server is another process: no hook reaches its model (vllm_mode='colocate' is hooked).
             if self.amplify_pack is not None:

@@ -7,9 +7,10 @@ recipe), under HF generate or inside TRL's colocated vLLM engine (`vllm_rollouts
 (encoding, reward kwargs, `sae/*` metrics, auxiliary loss, checkpoint sidecar) comes from `SAETrainerMixin`.
 With `sae_source=None` every override defers to the parent: it is `GRPOTrainer`.
 
-Departures from the papers: Qwen-Scope's RL recipe uses DAPO; here any TRL loss type works, and the
-amplified rollouts are treated as on-policy samples (TRL's `old_per_token_logps` is the detached current
-policy when `num_iterations=1`), which is what the recipe does on purpose.
+Departures from the papers: Qwen-Scope's RL recipe uses DAPO; here any TRL loss type works. The amplified
+rollouts are samples of the steered policy, so each of their tokens' advantage carries the truncated importance
+weight min(pi / mu, `amplify_importance_cap`) (`SAETrainerMixin._importance_weighted_advantages`); with the cap
+set to None they are treated as on-policy samples, as the recipe describes them.
 """
 
 from __future__ import annotations

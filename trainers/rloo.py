@@ -18,6 +18,7 @@ from .vllm_rollouts import SAEVLLMMixin
 
 class SAERLOOTrainer(SAEVLLMMixin, SAETrainerMixin, RLOOTrainer):
     _tag_names = ["trl", "rloo", "qscope-rl", "sae"]
+    _per_sequence_advantages = True  # RLOO's loss weighs whole rollouts (see `_importance_weighted_advantages`)
 
     def __init__(self, model, reward_funcs=None, args=None, *more, **kwargs):
         # The config is checked (or defaulted) before the parent's whole set-up: a drop-in for RLOOTrainer.

@@ -67,6 +67,7 @@ class SAETrainerMixin(FeatureTableMixin, SAEMetricsMixin, SAECheckpointMixin):
     _amplify_vector = None
     _rollout_completion_ids = None  # decoded for the top-features table
     _turns = 0
+    _per_sequence_advantages = False  # RLOO's loss takes one advantage per rollout; GRPO's, one per token too
     sae_capture_path = None  # "generation" or "forward": where the last batch's residual came from
     # What HF-generation capture keeps: "sparse" (the top-k codes, encoded as rollouts are sampled: B x T x k) or
     # "dense" (every step's residual, encoded after generation: B x T x d; the reference the sparse store is
@@ -334,6 +335,52 @@ class SAETrainerMixin(FeatureTableMixin, SAEMetricsMixin, SAECheckpointMixin):
         self._rollout_acts = self._encode_rollouts(output[0], output[1], tool_mask)
         self._rollout_completion_ids = output[1]  # decoded for the top-features table
         return output
+
+    def _generate_and_score_completions(self, inputs):
+        output = super()._generate_and_score_completions(inputs)
+        if self.sae is not None and self._amplified is not None and self._amplified.any() and \
+                self.args.amplify_importance_cap is not None:
+            output["advantages"] = self._importance_weighted_advantages(output)
+        return output
+
+    @torch.no_grad()
+    def _importance_weighted_advantages(self, output: dict) -> Tensor:
+        """The advantages with each amplified token's weight min(pi / mu, cap) folded in.
+
+        An amplified rollout was sampled from the steered policy mu (h + alpha d at layer L), not from the policy
+        pi being trained. Treated as pi's own sample, the policy gradient pushes down tokens pi would almost never
+        produce, without bound (the gradient of log pi(y) does not vanish as pi(y) -> 0), and on the demo world
+        that wrecked training. Truncated importance sampling (Ionides 2008; what TRL applies to vLLM's sampler
+        mismatch) keeps the negative signal on the tokens pi itself would plausibly produce: the realistic part
+        of the rollout. GRPO takes (B, T) advantages; RLOO's loss is per sequence, so there the weight is the
+        mean over the rollout's tokens."""
+        prompt_ids, completion_ids = output["prompt_ids"], output["completion_ids"]
+        mask = output["completion_mask"]
+        rows = self._amplified.nonzero().flatten().to(prompt_ids.device)
+        input_ids = torch.cat([prompt_ids[rows], completion_ids[rows]], dim=1)
+        attention = torch.cat([output["prompt_mask"][rows], mask[rows]], dim=1)
+        width = completion_ids.size(1)
+
+        def logps():
+            out = self._get_per_token_logps_and_entropies(self.model, input_ids, attention, width)
+            return out[0] if isinstance(out, tuple) else out
+
+        pi = logps()
+        with add_to_residual(self.model, self.sae_layer, self._amplify_vector):  # as generated: every position
+            mu = logps()
+        weight = torch.exp(pi - mu).clamp(max=self.args.amplify_importance_cap) * mask[rows]
+        advantages = output["advantages"]
+        mode = "train" if self.model.training else "eval"
+        tokens = mask[rows].sum().clamp(min=1)
+        self._metrics[mode]["sae/amplified_importance_weight"].append(
+            self.accelerator.gather((weight.sum() / tokens).reshape(1)).mean().item())
+        if self._per_sequence_advantages:
+            advantages = advantages.clone()
+            advantages[rows] = advantages[rows] * weight.sum(1) / mask[rows].sum(1).clamp(min=1)
+            return advantages
+        per_token = advantages.reshape(-1, 1).expand(-1, width).clone()
+        per_token[rows] = per_token[rows] * weight
+        return per_token
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         with self._with_sae_reward_kwargs(inputs):

@@ -16,6 +16,9 @@ from .errors import DEBUG_FLAG, run, split_debug
 COMMAND_MODULES = ("qscope_rl.cli.sae", "qscope_rl.cli.world", "qscope_rl.cli.features", "qscope_rl.cli.utilities",
                    "qscope_rl.cli.demo", "qscope_rl.cli.train")
 
+# Commands whose numbers must be the same on every machine (see `qscope_rl.world.kernels`).
+PINNED_KERNEL_COMMANDS = ("world", "demo")
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -37,5 +40,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     args.debug = debug
+    if args.command in PINNED_KERNEL_COMMANDS:
+        from qscope_rl.world.kernels import pin_kernels
+
+        pin_kernels()  # before any kernel runs: worlds and demo runs then match across machines
     return run(args.func, args, debug)
 

@@ -12,7 +12,8 @@ and a switch a script cannot see (English -> Spanish) beside one it can (English
    (a) task reward only; (b) + DeepSeek-R1 language-consistency reward (script for Chinese, lingua for
    Spanish); (c) + SAE code-switch penalty; (d) + SAE penalty and SASFT auxiliary loss; (e) + amplified
    repetition-feature sampling (Qwen-Scope RL); (f) + n-gram repetition penalty (open-r1); (g) + the SASFT
-   auxiliary loss alone (is it the aux loss or the penalty that works?);
+   auxiliary loss alone (is it the aux loss or the penalty that works?); (h) (e) without the importance
+   correction of the amplified rollouts (is it the correction that makes (e) train?);
 4. fine-tune the world model with plain SFT and with SASFT on data with a rare share of switched documents
    (`demo_sft`);
 5. measure every policy on the same held-out prompts; `demo_report` writes the report with 95% bootstrap
@@ -27,6 +28,7 @@ from __future__ import annotations
 import copy
 import json
 import multiprocessing
+import os
 import statistics
 import sys
 import tempfile
@@ -42,6 +44,7 @@ from tqdm.auto import tqdm
 from transformers import PrinterCallback
 
 from qscope_rl.world import World, load_world
+from qscope_rl.world.kernels import portable_env
 from qscope_rl.world.packs import world_pack_files
 
 from .amplify import amplified_loop_rate, choose_amplification
@@ -55,6 +58,7 @@ ARMS = {
     "e": "+ amplified repetition-feature sampling (Qwen-Scope RL)",
     "f": "+ n-gram repetition penalty (open-r1)",
     "g": "+ SASFT auxiliary loss alone",
+    "h": "(e) without the importance correction (amplified rollouts as on-policy samples)",
 }
 SAE_ARMS = ("c", "d", "e", "g")  # the arms whose method reads the SAE
 SWITCH_TARGETS = ("zh", "es")
@@ -81,7 +85,7 @@ class DemoSettings:
     language_weight: float = 1.0  # (b): split evenly between the script and the lingua reward
     sae_penalty_weight: float = 1.0  # (c), (d): per target, on the penalty's own scale (`sae_penalty_calibration`)
     aux_loss_weight: float = 0.05  # (d), (g)
-    amplify_top_n: int = 2  # (e)
+    amplify_top_ns: tuple[int, ...] = (1, 2, 4, 8)  # (e), (h): how many top features the grid tries
     amplify_target: float = 0.8  # (e): the amplified samples of the untrained policy must loop this often
     amplify_calibration_prompts: int = 64  # training prompts used to choose the amplification
     ngram_weight: float = 1.0  # (f)
@@ -100,7 +104,7 @@ class DemoSettings:
     def quick(cls, **overrides) -> DemoSettings:
         quick = cls(size="test", seeds=(0,), max_steps=3, prompts_per_step=2, num_generations=4,
                     max_completion_length=24, eval_prompts=32, eval_samples_per_prompt=1,
-                    amplify_calibration_prompts=16, sft_steps=3, sft_docs=64, bootstrap=200)
+                    amplify_calibration_prompts=16, amplify_top_ns=(2,), sft_steps=3, sft_docs=64, bootstrap=200)
         return replace(quick, **overrides)
 
     def __post_init__(self):
@@ -147,9 +151,11 @@ def arm_setup(arm: str, world, packs: dict, settings: DemoSettings) -> tuple[lis
             weights.append(settings.sae_penalty_weight)
     if arm in ("d", "g"):
         sae.update(aux_loss_weight=settings.aux_loss_weight, aux_loss_pack=packs["unwanted"])
-    if arm == "e":
+    if arm in ("e", "h"):
         choice = settings.notes["amplify"]
         sae.update(amplify_pack=packs[choice["pack"]], amplify_top_n=choice["top_n"], amplify_alpha=choice["alpha"])
+    if arm == "h":
+        sae.update(amplify_importance_cap=None)
     if arm == "f":
         rewards.append(NgramRepetitionPenalty())
         weights.append(settings.ngram_weight)
@@ -231,7 +237,8 @@ def run_one(arm: str, seed: int, world_path: str, packs: dict, settings: DemoSet
     measured = _measure(world, model, settings, seed)
     curves = {name: [e[key] for e in history if key in e] for name, key in CURVES.items()}
     during = {}
-    for key in ("reward_amplified", "reward_normal"):  # arm (e): are the amplified rollouts the negatives?
+    # arms (e), (h): are the amplified rollouts the negatives, and how much of them does the correction keep?
+    for key in ("reward_amplified", "reward_normal", "amplified_importance_weight"):
         logged = [e[f"sae/{key}"] for e in history if f"sae/{key}" in e]
         if logged:
             during[key] = statistics.fmean(logged)
@@ -274,11 +281,21 @@ def prepare(settings: DemoSettings, progress: bool = True) -> tuple[World, dict,
     calibration = sae_penalty_calibration(world, packs)
     n_cal = settings.amplify_calibration_prompts
     train_prompts = world.prompts("train", lang="en")[:n_cal]
-    choice = choose_amplification(world, train_prompts, packs, settings.amplify_top_n,
+    choice = choose_amplification(world, train_prompts, packs, settings.amplify_top_ns,
                                   max_new_tokens=settings.max_completion_length, target=settings.amplify_target,
                                   temperature=settings.temperature, seed=1)
     settings = replace(settings, notes={**settings.notes, "sae_penalty": calibration, "amplify": choice})
     return world, packs, settings
+
+
+def _prepare_job(settings: DemoSettings) -> tuple[str, dict, DemoSettings]:
+    """`prepare` in a worker process (with the pinned kernels); the world travels as its folder."""
+    torch.set_num_threads(2)  # the only job running at that time; the worker then goes back to one thread
+    try:
+        world, packs, settings = prepare(settings)
+    finally:
+        torch.set_num_threads(1)
+    return str(world.path), packs, settings
 
 
 def run_untrained_one(seed: int, world_path: str, settings: DemoSettings) -> dict:
@@ -306,7 +323,17 @@ def run_demo(settings: DemoSettings, progress: bool = True, runs_log: str | Path
     prompt), which `demo_report.analyse` turns into the report. Each finished run is also appended to
     `runs_log` (JSON lines), so an interrupted job keeps what it measured."""
     t0 = time.perf_counter()
-    world, packs, settings = prepare(settings, progress)
+    # Every run, the preparation too, in worker processes with the pinned CPU kernels and fixed thread counts,
+    # so the numbers are the same on every machine (`qscope_rl.world.kernels`); workers inherit this environment.
+    os.environ.update(portable_env())
+    context = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch thread pools
+    pool = ProcessPoolExecutor(settings.workers, mp_context=context, initializer=_single_thread_worker)
+    try:
+        world_path, packs, settings = pool.submit(_prepare_job, settings).result()
+    except BaseException:
+        pool.shutdown(cancel_futures=True)
+        raise
+    world = World(world_path)
     seconds_prepare = time.perf_counter() - t0
     if runs_log is not None:
         Path(runs_log).parent.mkdir(parents=True, exist_ok=True)
@@ -326,8 +353,7 @@ def run_demo(settings: DemoSettings, progress: bool = True, runs_log: str | Path
     rows = []
     bar = tqdm(total=len(jobs), desc=f"demo: {len(settings.arms)} arms x {len(settings.seeds)} seeds + SFT",
                unit="run", disable=not progress)
-    context = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch thread pools
-    with ProcessPoolExecutor(settings.workers, mp_context=context, initializer=_single_thread_worker) as pool:
+    with pool:
         futures = [pool.submit(*job) for job in jobs]
         for future in as_completed(futures):
             row = future.result()
@@ -384,7 +410,7 @@ def raw_from_log(path: str | Path) -> dict:
     if not lines or lines[0].get("kind") != "prepare":
         raise ValueError(f"{path} is not a demo runs log (its first line must be the 'prepare' record)")
     head, rows = lines[0], lines[1:]
-    fields = {k: tuple(v) if k in ("seeds", "arms") else v for k, v in head["settings"].items()}
+    fields = {k: tuple(v) if k in ("seeds", "arms", "amplify_top_ns") else v for k, v in head["settings"].items()}
     settings = DemoSettings(**fields)
     groups = [("untrained", None)] + [("arm", a) for a in settings.arms]
     groups += [("sft", m) for m in ("sft", "sasft")] if settings.sft else []

@@ -52,7 +52,7 @@ def analyse(raw: dict) -> dict:
             out["vs_a"] = {m: ratio(mats[arm][m], mats["a"][m], draws) for m in MEASURES}
             out["half_step"] = {m: half_step(_curves(row, m), _curves(raw["arms"]["a"], m)) for m in
                                 ("code_switch_rate_zh", "code_switch_rate_es", "loop_rate")}
-        for key in ("reward_amplified", "reward_normal"):
+        for key in ("reward_amplified", "reward_normal", "amplified_importance_weight"):
             values = [r[key] for r in row["runs"] if key in r]
             if values:
                 out[key] = {"mean": float(np.mean(values)), "per_seed": values}
@@ -184,17 +184,22 @@ def markdown(report: dict) -> str:
             f"{m.replace('_rate', '')} {_fmt_ratio(a[m])}" for m in FAILURES) + "."]
     amp, choice = report.get("amplified_heldout"), report.get("amplify_choice")
     if amp and choice:
-        grid = ", ".join(f"{g['pack']} x{g['alpha']:g}: {g['loop_rate']:.2f}" for g in choice["grid"])
+        grid = ", ".join(f"{g['pack']} top {g.get('top_n', choice['top_n'])} x{g['alpha']:g}: {g['loop_rate']:.2f}"
+                         for g in choice["grid"])
         lines += ["", f"Amplified sampling (e): the top {choice['top_n']} features of the `{choice['pack']}` pack at "
-                  f"alpha "
-                  f"{choice['alpha']:g}, chosen on {s['amplify_calibration_prompts']} training prompts (loop rate per "
-                  f"pack and alpha: {grid}). On held-out prompts the amplified samples of the untrained policy loop in "
+                  f"alpha {choice['alpha']:g}, the least steering of the grid to reach the target on "
+                  f"{s['amplify_calibration_prompts']} training prompts (loop rate per pack, number of features and "
+                  f"alpha: {grid}). On held-out prompts the amplified samples of the untrained policy loop in "
                   f"{amp['loop_rate']:.3f} of {amp['n']} and earn a task reward of {amp['task_reward']:.3f}."]
-        e = report["arms"].get("e", {})
-        if "reward_amplified" in e:
-            lines.append(f"During training, (e)'s amplified rollouts earned a total reward of "
-                         f"{e['reward_amplified']['mean']:.3f}, the normal rollouts of the same groups "
-                         f"{e['reward_normal']['mean']:.3f}.")
+        for arm in ("e", "h"):
+            row = report["arms"].get(arm, {})
+            if "reward_amplified" in row:
+                weight = row.get("amplified_importance_weight")
+                lines.append(f"During training, ({arm})'s amplified rollouts earned a total reward of "
+                             f"{row['reward_amplified']['mean']:.3f}, the normal rollouts of the same groups "
+                             f"{row['reward_normal']['mean']:.3f}" + (
+                                 f"; the mean importance weight of their tokens was {weight['mean']:.3f}."
+                                 if weight else " (no importance correction)."))
     sft = report.get("sft", {})
     if "sft" in sft and "sasft" in sft:
         lines += ["", f"SFT table: {s['sft_steps']} steps of {s['sft_batch_size']} English documents (a rare share "

@@ -7,10 +7,13 @@ its recipe or the builder's behaviour changes. A build runs in a temporary folde
 place when complete (stats.json last), so an interrupted build never looks cached.
 
 Determinism: torch's thread count is pinned and deterministic algorithms are on during the build,
-every random draw is seeded from the recipe, so the same recipe gives byte-identical weights on the
-same machine. The world seed (`WorldRecipe.seed`, `qscope-rl world build --seed N`) seeds the lexicon,
-the corpus, the LM, the SAE and the measurement at once, so every claim can be checked on a world
-nobody tuned on.
+every random draw is seeded from the recipe, and the build runs with CPU kernels pinned to AVX2
+(`kernels`; in a fresh process unless this one already runs them), so the same recipe is meant to give
+byte-identical weights on any x86-64 machine with AVX2, not only on the one that built it.
+stats["cpu_kernels"] says which kernels a world was built with. Checked: two pinned builds on one machine
+are identical; unpinned builds with ATen's AVX-512 and AVX2 kernels on one machine are not. The world seed
+(`WorldRecipe.seed`, `qscope-rl world build --seed N`) seeds the lexicon, the corpus, the LM, the SAE and
+the measurement at once, so every claim can be checked on a world nobody tuned on.
 
 What the world reproduces (each property measured by `measure.measure_samples`, kept in stats.json and
 checked against claims fixed before the build, `measure.REGIME_CLAIMS` -> stats["regime_checks"]):
@@ -41,6 +44,7 @@ import json
 import os
 import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -49,6 +53,7 @@ from tqdm.auto import tqdm
 
 from .cache_check import WorldCacheError, check_world, remove_dead_builds
 from .corpus import CorpusSpec, build_lexicon, generate_documents
+from .kernels import kernels_in_use, kernels_pinned, run_pinned
 from .measure import measure_samples, regime_checks
 from .model import LMSpec, eval_loss, make_model, pack_documents, train_lm
 from .sae_training import (
@@ -65,7 +70,7 @@ from .task import make_prompts
 from .tokenizer import train_tokenizer
 from .world import World
 
-WORLD_VERSION = "8"  # bump when the builder changes what a recipe produces
+WORLD_VERSION = "9"  # bump when the builder changes what a recipe produces
 SIZES = ("default", "test")
 
 
@@ -158,6 +163,9 @@ def world_dir(recipe: WorldRecipe, cache_dir: str | os.PathLike | None = None) -
     return cache_root(cache_dir) / "world" / f"{recipe.size}-{recipe.hash()}"
 
 
+_unpinned_ok = False  # True in a build process whose CPU cannot run the pinned kernels (see `kernels`)
+
+
 @contextlib.contextmanager
 def deterministic_torch(threads: int):
     """Pin torch's thread count and turn on deterministic algorithms; restore both afterwards."""
@@ -195,6 +203,9 @@ def build_world(
                               f"{final.parent}: {err.strerror}; set --cache-dir or QSCOPE_RL_CACHE to a writable "
                               f"folder") from err
     remove_dead_builds(final.parent, final.name)
+    if not kernels_pinned() and not _unpinned_ok:  # this process's kernels depend on its CPU: build in one
+        run_pinned(_build_pinned_child, recipe, cache_dir, force)
+        return final
     tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -297,6 +308,7 @@ def _build_into(recipe: WorldRecipe, out: Path) -> dict:
         "sae_folder": sae_dir.name,
         "threads": recipe.threads,
         "torch_version": torch.__version__,
+        "cpu_kernels": kernels_in_use(),
         **times,
     }
     stats["build_seconds"] = round(time.perf_counter() - t0, 2)
@@ -307,6 +319,16 @@ def _build_into(recipe: WorldRecipe, out: Path) -> dict:
     stages.close()
     (out / "recipe.json").write_text(json.dumps(asdict(recipe), indent=2) + "\n")
     return stats
+
+
+def _build_pinned_child(recipe: WorldRecipe, cache_dir, force: bool) -> None:
+    """`build_world` in the process `run_pinned` started."""
+    global _unpinned_ok
+    if not kernels_pinned():  # no AVX2 on this CPU, or a user's own setting: build with the kernels there are
+        warnings.warn(f"the world is built with this CPU's own kernels ({kernels_in_use()}), not the pinned AVX2 "
+                      f"ones: it may differ from the same seed's world on other machines", stacklevel=1)
+        _unpinned_ok = True
+    build_world(recipe.size, cache_dir=cache_dir, force=force, recipe=recipe)
 
 
 def load_world(size: str = "default", cache_dir: str | os.PathLike | None = None, force: bool = False,

@@ -1,0 +1,100 @@
+"""Amplified rollouts are samples of the steered policy: their tokens' advantages carry min(pi / mu, cap),
+checked against log-probabilities computed here with plain forwards, steered and unsteered."""
+
+import copy
+
+import pytest
+import torch
+from datasets import Dataset
+from trl import GRPOTrainer, RLOOTrainer
+
+from qscope_rl import add_to_residual
+from qscope_rl.trainers import SAEGRPOConfig, SAEGRPOTrainer, SAERLOOConfig, SAERLOOTrainer
+
+COMMON = dict(per_device_train_batch_size=4, num_generations=2, max_completion_length=8, max_steps=1,
+              learning_rate=5e-4, bf16=False, report_to="none", logging_steps=1, save_strategy="no", use_cpu=True,
+              seed=0, gradient_checkpointing=False, temperature=0.9)
+
+
+def length_reward(completions, **kwargs):  # distinct rewards: non-zero advantages
+    return [float(len(c)) for c in completions]
+
+
+def make(kind, world, pack_files, tmp_path, **fields):
+    config, trainer = {"grpo": (SAEGRPOConfig, SAEGRPOTrainer), "rloo": (SAERLOOConfig, SAERLOOTrainer)}[kind]
+    args = config(output_dir=str(tmp_path / kind), sae_source=str(world.sae_dir), sae_layer=world.layer,
+                  amplify_pack=str(pack_files["loop"]), amplify_alpha=20.0, amplify_top_n=2, **{**COMMON, **fields})
+    data = Dataset.from_dict({"prompt": [p.text for p in world.prompts("train", lang="en")[:4]]})
+    return trainer(model=copy.deepcopy(world.model), reward_funcs=[length_reward], args=args, train_dataset=data,
+                   processing_class=world.tokenizer)
+
+
+def generate_and_score(trainer, parent, monkeypatch):
+    """The trainer's output and the parent's advantages before the correction."""
+    seen = {}
+    original = parent._generate_and_score_completions
+
+    def recording(self, inputs):
+        out = original(self, inputs)
+        seen["advantages"] = out["advantages"].clone()
+        return out
+
+    monkeypatch.setattr(parent, "_generate_and_score_completions", recording)
+    trainer.model.train()
+    batch = [{"prompt": p.text} for p in trainer._world_prompts]
+    return trainer._generate_and_score_completions(batch), seen["advantages"]
+
+
+@torch.no_grad()
+def reference_logps(model, out, rows, temperature, vector=None, layer=None):
+    ids = torch.cat([out["prompt_ids"][rows], out["completion_ids"][rows]], 1)
+    mask = torch.cat([out["prompt_mask"][rows], out["completion_mask"][rows]], 1)
+    width = out["completion_ids"].shape[1]
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    if vector is None:
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits
+    else:
+        with add_to_residual(model, layer, vector):
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits
+    logp = torch.log_softmax(logits[:, -width - 1 : -1].float() / temperature, -1)
+    return logp.gather(-1, out["completion_ids"][rows].unsqueeze(-1)).squeeze(-1)
+
+
+@pytest.mark.parametrize("kind", ["grpo", "rloo"])
+def test_amplified_advantages_carry_the_truncated_importance_weight(kind, world, pack_files, tmp_path, monkeypatch):
+    trainer = make(kind, world, pack_files, tmp_path, amplify_importance_cap=2.0)
+    trainer._world_prompts = [p for p in world.prompts("train", lang="en")[:2] for _ in range(2)]
+    out, base = generate_and_score(trainer, {"grpo": GRPOTrainer, "rloo": RLOOTrainer}[kind], monkeypatch)
+    amplified = trainer._amplified
+    assert amplified.tolist() == [True, False, True, False]
+    rows = amplified.nonzero().flatten()
+    pi = reference_logps(trainer.model, out, rows, COMMON["temperature"])
+    mu = reference_logps(trainer.model, out, rows, COMMON["temperature"], trainer._amplify_vector, world.layer)
+    mask = out["completion_mask"][rows].float()
+    weight = torch.exp(pi - mu).clamp(max=2.0) * mask
+    assert (weight[mask.bool()] < 0.999).any()  # the steered policy differs: a weight that is not all ones
+    got = out["advantages"]
+    if kind == "grpo":
+        assert got.shape == out["completion_ids"].shape
+        torch.testing.assert_close(got[rows], base[rows, None] * weight, rtol=1e-4, atol=1e-5)
+        normal = ~amplified
+        torch.testing.assert_close(got[normal], base[normal, None].expand(-1, got.shape[1]))
+    else:  # RLOO's loss is per sequence: the mean weight over the rollout's tokens
+        assert got.shape == base.shape
+        expected = base.clone()
+        expected[rows] = base[rows] * weight.sum(1) / mask.sum(1)
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    assert "sae/amplified_importance_weight" in trainer._metrics["train"]
+
+
+def test_without_a_cap_amplified_rollouts_are_on_policy_samples(world, pack_files, tmp_path, monkeypatch):
+    trainer = make("grpo", world, pack_files, tmp_path, amplify_importance_cap=None)
+    trainer._world_prompts = [p for p in world.prompts("train", lang="en")[:2] for _ in range(2)]
+    out, base = generate_and_score(trainer, GRPOTrainer, monkeypatch)
+    assert trainer._amplified.any()
+    torch.testing.assert_close(out["advantages"], base)
+
+
+def test_a_cap_that_is_not_positive_is_refused(world, pack_files, tmp_path):
+    with pytest.raises(ValueError, match="amplify_importance_cap must be > 0"):
+        make("grpo", world, pack_files, tmp_path, amplify_importance_cap=0.0)
