@@ -47,7 +47,7 @@ import torch
 from datasets import Dataset
 from transformers import PrinterCallback
 
-from qscope_rl.demo.main_job import sae_penalty_calibration
+from qscope_rl.demo.calibration import sae_penalty_calibration
 from qscope_rl.features.feature_pack import FeaturePack
 from qscope_rl.plots import pyplot, save_figure
 from qscope_rl.rewards import CodeSwitchJudge, RewardHackingGuard, SAECodeSwitchPenalty

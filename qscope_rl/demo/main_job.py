@@ -48,6 +48,7 @@ from qscope_rl.world.kernels import portable_env
 from qscope_rl.world.packs import world_pack_files
 
 from .amplify import amplified_loop_rate, choose_amplification
+from .calibration import SWITCH_TARGETS, sae_penalty_calibration
 from .policy_measure import measure_policy
 
 ARMS = {
@@ -61,7 +62,6 @@ ARMS = {
     "h": "(e) without the importance correction (amplified rollouts as on-policy samples)",
 }
 SAE_ARMS = ("c", "d", "e", "g")  # the arms whose method reads the SAE
-SWITCH_TARGETS = ("zh", "es")
 CURVES = {"code_switch_rate_zh": "rewards/judge_switch_zh/mean", "code_switch_rate_es": "rewards/judge_switch_es/mean",
           "loop_rate": "rewards/judge_loop/mean", "task_reward": "rewards/world_topic/mean"}
 
@@ -182,38 +182,6 @@ def train_arm(arm: str, seed: int, world, packs: dict, dataset: Dataset, setting
         trainer.remove_callback(PrinterCallback)  # the demo shows its own progress, not every log dict
         trainer.train()
     return trainer.model.eval(), trainer.state.log_history
-
-
-def sae_penalty_calibration(world, packs: dict) -> dict:
-    """Per switch target: threshold and scale of the SAE code-switch penalty, from TRAINING documents only.
-
-    threshold: the per-token score that 0.1% of clean English tokens exceed (clean rollouts cost ~0);
-    scale: the median excess of English documents switched into that target, so a typical switch costs
-    `sae_penalty_weight`.
-    """
-    from qscope_rl.features.detection import calibrate_threshold, code_switch_scores, encode_completions
-    from qscope_rl.features.feature_pack import FeaturePack
-    from qscope_rl.hooks import capture_residual
-    from qscope_rl.sae.loaders import load_sae
-
-    sae = load_sae(world.sae_dir, layer=world.layer)
-    english = [d for d in world.documents("train") if d.lang == "en" and d.loop_char is None]
-
-    def activations(texts):
-        enc = world.tokenizer(texts, return_tensors="pt", padding=True)
-        with torch.no_grad(), capture_residual(world.model, world.layer) as capture:
-            world.model(**enc)
-        return encode_completions(sae, capture.last, enc.attention_mask, prompt_length=0)
-
-    clean = activations([d.text for d in english if d.switch_char is None][:256])
-    out = {}
-    for target in SWITCH_TARGETS:
-        pack = FeaturePack.load(packs[target])
-        threshold = calibrate_threshold(clean, pack)
-        switched = [d.text for d in english if d.switch_lang == target][:64]
-        excess = (code_switch_scores(activations(switched), pack).per_token - threshold).clamp(min=0).amax(1)
-        out[target] = {"threshold": threshold, "scale": max(float(excess.median()), 1e-6), "n_switched": len(switched)}
-    return out
 
 
 def _english_dataset(world) -> Dataset:
