@@ -15,8 +15,8 @@ DEFAULT_OUT = "qscope-rl-demo"
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "demo", help="train GRPO under seven arms and SFT vs SASFT on the demo world; report failure rates",
-        description="Build or load the demo world, measure the untrained policy, train GRPO under arms a-g "
+        "demo", help="train GRPO under eight arms and SFT vs SASFT on the demo world; report failure rates",
+        description="Build or load the demo world, measure the untrained policy, train GRPO under arms a-h "
         "(same seeds, same budget) and plain SFT vs SASFT, measure every policy on held-out prompts with 95% "
         "bootstrap intervals, check the targets, and write demo.json, demo.md and PNG plots. --quick is a "
         "smoke run on the test world.",

@@ -1,7 +1,8 @@
 """The demo wing: the main job (`qscope-rl demo`), its report, and the measurements the benchmarks share.
 
 `main_job` trains the GRPO arms (and the SFT table, `sft`) on the embedded demo world and judges every policy on
-held-out prompts (`policy_measure`, with bootstrap intervals from `stats`; amplification chosen by `amplify`);
+held-out prompts (`policy_measure`, with bootstrap intervals from `stats`; amplification chosen by `amplify`, the
+SAE penalty calibrated by `calibration`);
 `report` turns the result into markdown, JSON and plots; `measures` holds the world-judged measures of the
 utilities (steering rates, the classification curve, benchmarks of known overlap). The top floor: it builds
 on every other wing and nothing imports it.
