@@ -29,8 +29,9 @@ def make(kind, world, pack_files, tmp_path, **fields):
                    processing_class=world.tokenizer)
 
 
-def generate_and_score(trainer, parent, monkeypatch):
-    """The trainer's output and the parent's advantages before the correction."""
+def generate_and_score(trainer, parent, world, monkeypatch):
+    """The trainer's output on 2 prompts x 2 generations (as TRL repeats them), and the parent's advantages
+    before the correction."""
     seen = {}
     original = parent._generate_and_score_completions
 
@@ -41,7 +42,7 @@ def generate_and_score(trainer, parent, monkeypatch):
 
     monkeypatch.setattr(parent, "_generate_and_score_completions", recording)
     trainer.model.train()
-    batch = [{"prompt": p.text} for p in trainer._world_prompts]
+    batch = [{"prompt": p.text} for p in world.prompts("train", lang="en")[:2] for _ in range(2)]
     return trainer._generate_and_score_completions(batch), seen["advantages"]
 
 
@@ -63,8 +64,7 @@ def reference_logps(model, out, rows, temperature, vector=None, layer=None):
 @pytest.mark.parametrize("kind", ["grpo", "rloo"])
 def test_amplified_advantages_carry_the_truncated_importance_weight(kind, world, pack_files, tmp_path, monkeypatch):
     trainer = make(kind, world, pack_files, tmp_path, amplify_importance_cap=2.0)
-    trainer._world_prompts = [p for p in world.prompts("train", lang="en")[:2] for _ in range(2)]
-    out, base = generate_and_score(trainer, {"grpo": GRPOTrainer, "rloo": RLOOTrainer}[kind], monkeypatch)
+    out, base = generate_and_score(trainer, {"grpo": GRPOTrainer, "rloo": RLOOTrainer}[kind], world, monkeypatch)
     amplified = trainer._amplified
     assert amplified.tolist() == [True, False, True, False]
     rows = amplified.nonzero().flatten()
@@ -89,8 +89,7 @@ def test_amplified_advantages_carry_the_truncated_importance_weight(kind, world,
 
 def test_without_a_cap_amplified_rollouts_are_on_policy_samples(world, pack_files, tmp_path, monkeypatch):
     trainer = make("grpo", world, pack_files, tmp_path, amplify_importance_cap=None)
-    trainer._world_prompts = [p for p in world.prompts("train", lang="en")[:2] for _ in range(2)]
-    out, base = generate_and_score(trainer, GRPOTrainer, monkeypatch)
+    out, base = generate_and_score(trainer, GRPOTrainer, world, monkeypatch)
     assert trainer._amplified.any()
     torch.testing.assert_close(out["advantages"], base)
 

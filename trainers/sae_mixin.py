@@ -338,7 +338,9 @@ class SAETrainerMixin(FeatureTableMixin, SAEMetricsMixin, SAECheckpointMixin):
 
     def _generate_and_score_completions(self, inputs):
         output = super()._generate_and_score_completions(inputs)
-        if self.sae is not None and self._amplified is not None and self._amplified.any() and \
+        # On every process that amplifies (not only those holding amplified rows): the forwards and the metric's
+        # gather are collectives under ZeRO-3 and DDP.
+        if self._amplified is not None and self._amplify_vector is not None and self.model.training and \
                 self.args.amplify_importance_cap is not None:
             output["advantages"] = self._importance_weighted_advantages(output)
         return output
@@ -357,8 +359,10 @@ class SAETrainerMixin(FeatureTableMixin, SAEMetricsMixin, SAECheckpointMixin):
         prompt_ids, completion_ids = output["prompt_ids"], output["completion_ids"]
         mask = output["completion_mask"]
         rows = self._amplified.nonzero().flatten().to(prompt_ids.device)
-        input_ids = torch.cat([prompt_ids[rows], completion_ids[rows]], dim=1)
-        attention = torch.cat([output["prompt_mask"][rows], mask[rows]], dim=1)
+        # a process with no amplified row still runs the forwards (on row 0, its weight unused): see the caller
+        probe = rows if len(rows) else torch.zeros(1, dtype=torch.long, device=prompt_ids.device)
+        input_ids = torch.cat([prompt_ids[probe], completion_ids[probe]], dim=1)
+        attention = torch.cat([output["prompt_mask"][probe], mask[probe]], dim=1)
         width = completion_ids.size(1)
 
         def logps():
@@ -368,12 +372,12 @@ class SAETrainerMixin(FeatureTableMixin, SAEMetricsMixin, SAECheckpointMixin):
         pi = logps()
         with add_to_residual(self.model, self.sae_layer, self._amplify_vector):  # as generated: every position
             mu = logps()
-        weight = torch.exp(pi - mu).clamp(max=self.args.amplify_importance_cap) * mask[rows]
+        weight = (torch.exp(pi - mu).clamp(max=self.args.amplify_importance_cap) * mask[probe])[: len(rows)]
         advantages = output["advantages"]
-        mode = "train" if self.model.training else "eval"
-        tokens = mask[rows].sum().clamp(min=1)
-        self._metrics[mode]["sae/amplified_importance_weight"].append(
-            self.accelerator.gather((weight.sum() / tokens).reshape(1)).mean().item())
+        # the mean weight over every process's amplified tokens
+        totals = self.accelerator.gather(torch.stack([weight.sum(), mask[rows].sum().to(weight.dtype)]).reshape(1, 2))
+        self._metrics["train"]["sae/amplified_importance_weight"].append(
+            (totals[:, 0].sum() / totals[:, 1].sum().clamp(min=1)).item())
         if self._per_sequence_advantages:
             advantages = advantages.clone()
             advantages[rows] = advantages[rows] * weight.sum(1) / mask[rows].sum(1).clamp(min=1)

@@ -163,9 +163,6 @@ def world_dir(recipe: WorldRecipe, cache_dir: str | os.PathLike | None = None) -
     return cache_root(cache_dir) / "world" / f"{recipe.size}-{recipe.hash()}"
 
 
-_unpinned_ok = False  # True in a build process whose CPU cannot run the pinned kernels (see `kernels`)
-
-
 @contextlib.contextmanager
 def deterministic_torch(threads: int):
     """Pin torch's thread count and turn on deterministic algorithms; restore both afterwards."""
@@ -203,9 +200,15 @@ def build_world(
                               f"{final.parent}: {err.strerror}; set --cache-dir or QSCOPE_RL_CACHE to a writable "
                               f"folder") from err
     remove_dead_builds(final.parent, final.name)
-    if not kernels_pinned() and not _unpinned_ok:  # this process's kernels depend on its CPU: build in one
-        run_pinned(_build_pinned_child, recipe, cache_dir, force)
-        return final
+    if kernels_pinned():
+        _build_here(recipe, final, force)
+    else:  # this process's kernels depend on its CPU: build in one whose kernels do not
+        run_pinned(_build_pinned_child, recipe, final, force)
+    return final
+
+
+def _build_here(recipe: WorldRecipe, final: Path, force: bool) -> None:
+    """Build into a temporary folder in this process and rename it to `final`."""
     tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -221,7 +224,6 @@ def build_world(
         tmp.rename(final)
     except OSError:  # a concurrent build won the race: its world is identical, keep it
         shutil.rmtree(tmp, ignore_errors=True)
-    return final
 
 
 def _build_into(recipe: WorldRecipe, out: Path) -> dict:
@@ -321,14 +323,12 @@ def _build_into(recipe: WorldRecipe, out: Path) -> dict:
     return stats
 
 
-def _build_pinned_child(recipe: WorldRecipe, cache_dir, force: bool) -> None:
-    """`build_world` in the process `run_pinned` started."""
-    global _unpinned_ok
+def _build_pinned_child(recipe: WorldRecipe, final: Path, force: bool) -> None:
+    """`_build_here` in the process `run_pinned` started."""
     if not kernels_pinned():  # no AVX2 on this CPU, or a user's own setting: build with the kernels there are
         warnings.warn(f"the world is built with this CPU's own kernels ({kernels_in_use()}), not the pinned AVX2 "
                       f"ones: it may differ from the same seed's world on other machines", stacklevel=1)
-        _unpinned_ok = True
-    build_world(recipe.size, cache_dir=cache_dir, force=force, recipe=recipe)
+    _build_here(recipe, final, force)
 
 
 def load_world(size: str = "default", cache_dir: str | os.PathLike | None = None, force: bool = False,
