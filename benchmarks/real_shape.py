@@ -71,13 +71,14 @@ def device_name() -> str:
 
 
 def flop_ratio(name: str, rollouts: int, prompt: int, completion: int, pack: int = PACK_SIZE,
-               layers: int | None = None) -> float:
+               layers: int | None = None, amplified: int = 1) -> float:
     """(policy + SAE) / policy matmul FLOPs of one GRPO step (attention scores ignored: short sequences).
 
     Policy: a token forward is 2 x (decoder linear weights + LM head); generation runs B (P + T) of them,
     training 3x that (forward, checkpoint recompute, backward through frozen weights; LoRA's own FLOPs and
     weight gradients are under 1% and left out). SAE: encoding 2 d d_sae per completion token, the aux loss
-    3 x 2 d f per completion token (the amplified rollout's added vector is O(d)).
+    3 x 2 d f per completion token (the amplified rollout's added vector is O(d)); the importance correction of
+    the ``amplified`` rollouts: two no-grad policy forwards of each (steered and unsteered), prompt included.
     """
     cfg = {**COMMON, **QWEN3[name], **({"num_hidden_layers": layers} if layers else {})}
     d, ff, layers, heads, kv, hd = (cfg[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
@@ -86,7 +87,8 @@ def flop_ratio(name: str, rollouts: int, prompt: int, completion: int, pack: int
     token_forward = 2 * (layers * per_layer + d * cfg["vocab_size"])
     policy = 4 * token_forward * rollouts * (prompt + completion)
     sae = (2 * d * D_SAE + 3 * 2 * d * pack) * rollouts * completion
-    return (policy + sae) / policy
+    importance = 2 * token_forward * amplified * (prompt + completion)
+    return (policy + sae + importance) / policy
 
 
 # -- building blocks ------------------------------------------------------------------------------------
@@ -330,7 +332,8 @@ def main() -> None:
         "capture_mem_ratio": round(capture["ratio"], 4),
         "flop_ratio_run_shape": round(flop_ratio(args.model, args.rollouts, args.prompt_tokens,
                                                  args.completion_tokens, layers=args.layers), 4),
-        "flop_ratio_1.7b_128x(256+2048)": round(flop_ratio("1.7b", 128, 256, 2048), 4),
+        # 8 groups of 16 rollouts, one amplified per group
+        "flop_ratio_1.7b_128x(256+2048)": round(flop_ratio("1.7b", 128, 256, 2048, amplified=8), 4),
         "step_times_s": {arm: [round(t, 3) for t in v] for arm, v in times.items()},
         "model": f"Qwen3-{args.model}", "layers": depth, "sae_layer": sae_layer(args), "rollouts": args.rollouts,
         "prompt_tokens": args.prompt_tokens,

@@ -100,7 +100,8 @@ def bench_steer(world, sae, plots: Path | None) -> dict:
         t0 = time.perf_counter()
         with steer(model, sae, alphas, mode=mode) if alphas else contextlib.nullcontext():
             # exactly 48 new tokens in both arms: an earlier end-of-text in one arm would read as a speed-up
-            generate(model, tok, texts, batch_size=len(texts), min_new_tokens=48, progress=False)
+            generate(model, tok, texts, batch_size=len(texts), min_new_tokens=48, temperature=world.temperature,
+                     progress=False)
         return time.perf_counter() - t0
 
     ratios = {}
@@ -177,10 +178,11 @@ def bench_synthesize(world, sae, plots: Path | None, rounds: int = SYNTH_ROUNDS)
           f"{len(reference)} reference docs; {len(targets)} targets")
     prompts = [p.text for p in world.prompts("train", "en")]
     result = synthesize(model, tok, sae, targets, prompts, reference=reference, strategy="both",
-                        per_target=rounds)
+                        per_target=rounds, temperature=world.temperature)
     n90 = result.samples_to(0.9)
     random_prompts = random_contexts(tok, reference, UNGUIDED_CAP * (n90 or result.n_generated), seed=1)
-    base = unguided(model, tok, sae, targets, random_prompts, len(random_prompts), stop_at=0.9, seed=1)
+    base = unguided(model, tok, sae, targets, random_prompts, len(random_prompts), stop_at=0.9, seed=1,
+                    temperature=world.temperature)
     base_n90 = base.samples_to(0.9)
     matched = base.coverage_at(result.n_generated)
     if n90 is None:

@@ -103,9 +103,24 @@ def test_perplexity_matches_the_loss(world):
         perplexity(model, tok, [prompt], ["a", "b"])
 
 
+def test_steering_metrics_judge_switches_by_the_lexicon(world):
+    """A Spanish switch is invisible to a script judge: the steering measure must count it (the lexicon's truth)."""
+    model, tok = world.model, world.tokenizer
+    prompt = world.prompts("heldout", "en")[0]
+    es = sorted(set(world.lexicon.general["es"]) - world.lexicon.words("en"))[:6]
+    zh = sorted(world.lexicon.general["zh"])[:3]
+    en_only = set(world.lexicon.general["en"]) - world.lexicon.words("es") - world.lexicon.words("zh")
+    clean = " ".join(sorted(en_only)[:6])
+    completions = [clean, clean + " " + " ".join(es), clean + " " + "".join(zh), clean]
+    m = steering_metrics(world, [prompt] * 4, completions, model, tok)
+    assert m["code_switch_rate"] == pytest.approx(2 / 4)
+    assert m["code_switch_rate_es"] == pytest.approx(1 / 4)
+    assert m["code_switch_rate_zh"] == pytest.approx(1 / 4)
+    assert m["code_switch_rate_script"] == pytest.approx(1 / 4)  # what a Unicode-script judge sees
+    assert m["n"] == 4
+
+
 @pytest.mark.slow
-@pytest.mark.xfail(reason="issue 17: the utilities are not yet redone on the v2 world; on its test world, +strong "
-                   "topic steering gave a topic share of 0.0 against 0.125 unsteered (2026-12-02)", strict=False)
 def test_world_suppression_and_topic_steering(world, zh_pack):
     sae = load_sae(world.sae_dir, layer=world.layer)
     model, tok = world.model, world.tokenizer
@@ -115,7 +130,7 @@ def test_world_suppression_and_topic_steering(world, zh_pack):
     base = steering_metrics(world, prompts, generate(model, tok, texts, **kw), model, tok)
     with steer(model, sae, relative_strengths(zh_pack[0], "-medium", top=8)):
         suppressed = steering_metrics(world, prompts, generate(model, tok, texts, **kw), model, tok)
-    assert suppressed["code_switch_rate"] <= base["code_switch_rate"]
+    assert suppressed["code_switch_rate_zh"] <= base["code_switch_rate_zh"]  # the zh pack: switches to zh
     topic = world.topics[0]
     others = [p for p in world.prompts("heldout") if p.topic != topic][:16]
     other_texts = [p.text for p in others]
@@ -235,7 +250,8 @@ def test_grouped_steering_edits_each_groups_rows_with_its_own_features(world):
     prompts = world.prompts("heldout", "en")[:6]
     runs = _run_groups(world, sae, [(prompts[:3], {3: 5.0}, None), (prompts[3:], None, world.topics[0])], "add",
                        max_new_tokens=4)
-    assert set(runs[0]) == {"code_switch_rate", "perplexity"} and "topic_share" in runs[1]
+    assert "topic_share" not in runs[0] and "topic_share" in runs[1]  # each group judged on its own target
+    assert runs[0]["n"] == 3 and runs[1]["n"] == 3 and {"code_switch_rate", "perplexity"} <= set(runs[0])
     assert dict(decoder_layer(world.model, world.layer)._forward_hooks) == hooks_before  # every hook of ours removed
 
 

@@ -148,7 +148,8 @@ def _steer(args) -> int:
         print_json({"prompts": texts, "runs": results})
         return 0
     for label, res in results.items():
-        metrics = "  ".join(f"{k}={v:.3f}" for k, v in res.get("metrics", {}).items())
+        metrics = "  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
+                            for k, v in res.get("metrics", {}).items())
         print(f"\n== {label}  {metrics}")
         for prompt, completion in list(zip(texts, res["completions"]))[:5]:
             print(f"  {prompt[:60]!r} -> {completion[:80]!r}")

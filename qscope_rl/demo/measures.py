@@ -57,13 +57,20 @@ def demo_benchmarks(world, per_topic: int = 12, seed: int = 0) -> tuple[dict[str
 
 
 def steering_metrics(world, prompts, completions, base_model, tokenizer, target_topic: str | None = None) -> dict:
-    """Judge completions on the world: code-switch rate (Unicode script), share judged on ``target_topic``,
-    and the unsteered model's perplexity on them."""
+    """Judge completions on the world: code-switch rate by the world's lexicon (the ground truth, which sees the
+    same-script Spanish switch), per target language and as a Unicode-script judge sees it; the share judged on
+    ``target_topic``; the unsteered model's perplexity on them; ``n``, the number of completions."""
     from qscope_rl.tools.steered_generation import perplexity
 
-    out = {"code_switch_rate": sum(judges.script_code_switch(c, p.lang) for p, c in zip(prompts, completions))
-           / len(completions),
+    pairs = list(zip(prompts, completions))
+    n = len(completions)
+    out = {"n": n,
+           "code_switch_rate": sum(world.code_switch(c, p.lang) for p, c in pairs) / n,
+           "code_switch_rate_script": sum(judges.script_code_switch(c, p.lang) for p, c in pairs) / n,
            "perplexity": perplexity(base_model, tokenizer, [p.text for p in prompts], completions)}
+    for lang in sorted({lang for p in prompts for lang in world.judge.langs if lang != p.lang}):
+        out[f"code_switch_rate_{lang}"] = sum(p.lang != lang and world.code_switch(c, p.lang, to=lang)
+                                              for p, c in pairs) / n
     if target_topic is not None:
         out["topic_share"] = sum(world_topic(world, c, p.lang) == target_topic
                                  for p, c in zip(prompts, completions)) / len(completions)

@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+READ_BLOCK_ELEMENTS = 2**16  # codes copied per block by `grid` (0.25 MiB of float32 values)
+
 
 def index_dtype(d_sae: int) -> torch.dtype:
     """The narrowest integer type holding every feature id (int16 for Qwen-Scope's 32K SAEs)."""
@@ -107,11 +109,16 @@ class SparseCodeStore:
         if span and bool(known.any()):
             take, src = known.nonzero().squeeze(1), slots[known]
             cells = slice(offset, offset + span)
-            values[take, :span] = self.values[src, cells]
-            indices[take, :span] = self.indices[src, cells].long()
-            if pre is not None:
-                pre[take, :span] = self.pre[src, cells]
-            written[take, :span] = self.written[src, cells]
+            # a block of rows at a time: indexing copies what it reads, so one read of everything would hold a
+            # second copy of every code (and an int64 one of the int16 ids) beside the outputs
+            step = max(1, READ_BLOCK_ELEMENTS // (span * width))
+            for lo in range(0, len(take), step):
+                rows_out, rows_in = take[lo:lo + step], src[lo:lo + step]
+                values[rows_out, :span] = self.values[rows_in, cells]
+                indices[rows_out, :span] = self.indices[rows_in, cells].long()
+                if pre is not None:
+                    pre[rows_out, :span] = self.pre[rows_in, cells]
+                written[rows_out, :span] = self.written[rows_in, cells]
         keep = written if mask is None else written & mask.to(self.device, torch.bool)
         values.masked_fill_(~keep.unsqueeze(-1), 0)
         indices.masked_fill_(~keep.unsqueeze(-1), 0)
