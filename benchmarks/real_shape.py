@@ -11,7 +11,8 @@ saved in the Qwen-Scope layout and loaded by the trainer.
 Arms, each in its own subprocess, run ABBA (off, on, on, off per round) so that machine load hits both alike:
 - `off`: SAEGRPOTrainer with no SAE (it is GRPOTrainer), one cheap reward;
 - `on`: + capture during generation (sparse: top-k codes only), the SAE code-switch penalty reward, the SASFT
-  auxiliary loss (weight 0.1) on a random 8-feature pack, and amplified sampling (one steered rollout per group).
+  auxiliary loss (weight 0.1) on a random 8-feature pack, and amplified sampling (one steered rollout per group;
+  `--no-amplify` leaves it out, to tell its cost from the rest).
 Step time: median of TRL's per-step `step_time` after one warm-up step. Peak memory: one more child per arm, one
 step, peak tensor memory from building the trainer to the end (torch.profiler's allocation events on CPU,
 `torch.cuda.max_memory_allocated` on CUDA); `real_extra_mem_over_sae_weights` = (on - off) / SAE weight bytes.
@@ -25,7 +26,7 @@ including the same output activations and the SAE encode's chunk buffers (5% of 
 
     python benchmarks/real_shape.py [--model auto|0.6b|1.7b] [--rollouts 4] [--prompt-tokens 16]
         [--completion-tokens 16] [--steps 2] [--rounds 1] [--parts steps,memory,capture] [--capture-rollouts 8]
-        [--capture-tokens 1024] [--capture-d 2048]
+        [--capture-tokens 1024] [--capture-d 2048] [--no-amplify]
 
 The last line is one JSON object: `real_step_ratio` (target <= 1.05), `real_extra_mem_over_sae_weights`
 (target <= 1.10), `capture_mem_ratio` (target <= 0.10), the FLOP ratios, the shapes, device and load average.
@@ -159,7 +160,9 @@ def run_arm(arm: str, args, folder: Path) -> dict:
         pack = str(folder / "pack.json")
         rewards.append(SAECodeSwitchPenalty(pack))
         sae_fields = dict(sae_source=str(make_sae_path(folder)), sae_layer=sae_layer(args), sae_capture="generation",
-                          code_switch_pack=pack, aux_loss_weight=0.1, amplify_pack=pack, amplify_num_rollouts=1)
+                          code_switch_pack=pack, aux_loss_weight=0.1)
+        if not args.no_amplify:
+            sae_fields |= dict(amplify_pack=pack, amplify_num_rollouts=1)
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
     steps = 1 if args.memory else args.steps + 1
     with tempfile.TemporaryDirectory() as out:
@@ -196,7 +199,7 @@ def child(arm: str, args, folder: Path, memory: bool) -> dict:
            "--rollouts", str(args.rollouts), "--prompt-tokens", str(args.prompt_tokens),
            "--completion-tokens", str(args.completion_tokens), "--steps", str(args.steps),
            "--layers", str(args.layers or 0)]
-    cmd += ["--memory"] if memory else []
+    cmd += (["--memory"] if memory else []) + (["--no-amplify"] if args.no_amplify else [])
     return run_child(cmd, arm)
 
 
@@ -274,6 +277,8 @@ def main() -> None:
                         help="residual width of the capture measurement (2048: Qwen3-1.7B, the issue's shape)")
     parser.add_argument("--parts", default="steps,memory,capture",
                         help="what to measure (comma-separated): steps (ABBA step times), memory, capture")
+    parser.add_argument("--no-amplify", action="store_true",
+                        help="the `on` arm without amplified sampling (and so without its importance correction)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--folder", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--memory", action="store_true", help=argparse.SUPPRESS)
@@ -331,9 +336,12 @@ def main() -> None:
         "real_extra_mem_over_sae_weights": round(extra / sae_bytes, 3),
         "capture_mem_ratio": round(capture["ratio"], 4),
         "flop_ratio_run_shape": round(flop_ratio(args.model, args.rollouts, args.prompt_tokens,
-                                                 args.completion_tokens, layers=args.layers), 4),
-        # 8 groups of 16 rollouts, one amplified per group
-        "flop_ratio_1.7b_128x(256+2048)": round(flop_ratio("1.7b", 128, 256, 2048, amplified=8), 4),
+                                                 args.completion_tokens, layers=args.layers,
+                                                 amplified=0 if args.no_amplify else 1), 4),
+        "amplify": not args.no_amplify,
+        # 8 groups of 16 rollouts, one amplified per group (none with --no-amplify)
+        "flop_ratio_1.7b_128x(256+2048)": round(flop_ratio("1.7b", 128, 256, 2048,
+                                                           amplified=0 if args.no_amplify else 8), 4),
         "step_times_s": {arm: [round(t, 3) for t in v] for arm, v in times.items()},
         "model": f"Qwen3-{args.model}", "layers": depth, "sae_layer": sae_layer(args), "rollouts": args.rollouts,
         "prompt_tokens": args.prompt_tokens,
