@@ -97,3 +97,25 @@ def test_without_a_cap_amplified_rollouts_are_on_policy_samples(world, pack_file
 def test_a_cap_that_is_not_positive_is_refused(world, pack_files, tmp_path):
     with pytest.raises(ValueError, match="amplify_importance_cap must be > 0"):
         make("grpo", world, pack_files, tmp_path, amplify_importance_cap=0.0)
+
+
+def test_vllm_sampler_correction_leaves_amplified_rows_to_ours(world, pack_files, tmp_path, monkeypatch):
+    """Under vLLM, TRL weighs each rollout by pi / mu_vLLM (`importance_sampling_ratio`; by default per sequence,
+    masked above 3). vLLM sampled an amplified rollout from the steered policy, so that ratio is ~e^-(many) and
+    would silently drop the rollout from the loss: on amplified rows it must be 1, the steering corrected by ours."""
+    trainer = make("grpo", world, pack_files, tmp_path, amplify_importance_cap=2.0)
+    out, base = generate_and_score(trainer, GRPOTrainer, world, monkeypatch)
+    recorded = {k: v.clone() if torch.is_tensor(v) else v for k, v in out.items()}
+    recorded["advantages"] = base.clone()
+    engine = torch.full((4, 1), 1e-30)  # TRL's sequence-level ratio: tiny on amplified rows ...
+    engine[~trainer._amplified] = 0.97  # ... and near 1 where vLLM sampled the policy itself
+    recorded["importance_sampling_ratio"] = engine
+
+    def parent(self, inputs):
+        return {k: v.clone() if torch.is_tensor(v) else v for k, v in recorded.items()}
+
+    monkeypatch.setattr(GRPOTrainer, "_generate_and_score_completions", parent)
+    again = trainer._generate_and_score_completions([])
+    ratio = again["importance_sampling_ratio"]
+    assert ratio[trainer._amplified].eq(1.0).all() and ratio[~trainer._amplified].eq(0.97).all()
+    torch.testing.assert_close(again["advantages"], out["advantages"])  # our correction, unchanged

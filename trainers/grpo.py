@@ -9,7 +9,7 @@ With `sae_source=None` every override defers to the parent: it is `GRPOTrainer`.
 
 Departures from the papers: Qwen-Scope's RL recipe uses DAPO; here any TRL loss type works. The amplified
 rollouts are samples of the steered policy, so each of their tokens' advantage carries the truncated importance
-weight min(pi / mu, `amplify_importance_cap`) (`SAETrainerMixin._importance_weighted_advantages`); with the cap
+weight min(pi / mu, `amplify_importance_cap`) (`trainers/amplified_importance.py`); with the cap
 set to None they are treated as on-policy samples, as the recipe describes them.
 """
 

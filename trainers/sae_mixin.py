@@ -12,6 +12,8 @@ is configured:
 - `_calculate_rewards`: reward functions also receive ``sae_activations`` (one `CompletionActivations`
   per completion, aligned to its tokens, read from the UNSTEERED residual in both paths) and
   ``sae_amplified``; `sae/*` metrics are logged (`SAEMetricsMixin`);
+- `_generate_and_score_completions`: amplified rows' importance weights, and TRL's vLLM sampler correction
+  kept off them (`AmplifiedImportanceMixin`);
 - `_compute_loss`: adds the SASFT / suppression term from a hook on the training forward;
 - `_save_checkpoint` / `train` (from `SAECheckpointMixin`): the SAE's source, layer and packs are saved
   beside each checkpoint and checked on resume.
@@ -40,6 +42,7 @@ from qscope_rl.features.sparse_capture import SparseCapture
 from qscope_rl.hooks import ForwardToLayer, add_to_residual, capture_residual, decoder_layer, hidden_size
 from qscope_rl.sae.loaders import load_sae
 
+from .amplified_importance import AmplifiedImportanceMixin
 from .checkpoint import SAECheckpointMixin
 from .feature_table import FeatureTableMixin
 from .rollout_capture import (
@@ -55,7 +58,7 @@ from .sae_metrics import SAEMetricsMixin
 logger = logging.get_logger(__name__)
 
 
-class SAETrainerMixin(FeatureTableMixin, SAEMetricsMixin, SAECheckpointMixin):
+class SAETrainerMixin(AmplifiedImportanceMixin, FeatureTableMixin, SAEMetricsMixin, SAECheckpointMixin):
     _sae_pack_fields = ("code_switch_pack", "repetition_pack", "aux_loss_pack", "amplify_pack")
     # Defaults that make every SAE step a no-op until `_init_sae` loads an SAE.
     sae = None
@@ -67,7 +70,6 @@ class SAETrainerMixin(FeatureTableMixin, SAEMetricsMixin, SAECheckpointMixin):
     _amplify_vector = None
     _rollout_completion_ids = None  # decoded for the top-features table
     _turns = 0
-    _per_sequence_advantages = False  # RLOO's loss takes one advantage per rollout; GRPO's, one per token too
     sae_capture_path = None  # "generation" or "forward": where the last batch's residual came from
     # What HF-generation capture keeps: "sparse" (the top-k codes, encoded as rollouts are sampled: B x T x k) or
     # "dense" (every step's residual, encoded after generation: B x T x d; the reference the sparse store is
@@ -338,53 +340,9 @@ class SAETrainerMixin(FeatureTableMixin, SAEMetricsMixin, SAECheckpointMixin):
 
     def _generate_and_score_completions(self, inputs):
         output = super()._generate_and_score_completions(inputs)
-        # On every process that amplifies (not only those holding amplified rows): the forwards and the metric's
-        # gather are collectives under ZeRO-3 and DDP.
-        if self._amplified is not None and self._amplify_vector is not None and self.model.training and \
-                self.args.amplify_importance_cap is not None:
-            output["advantages"] = self._importance_weighted_advantages(output)
+        if self._amplified is not None and self._amplify_vector is not None and self.model.training:
+            self._correct_amplified_rows(output)
         return output
-
-    @torch.no_grad()
-    def _importance_weighted_advantages(self, output: dict) -> Tensor:
-        """The advantages with each amplified token's weight min(pi / mu, cap) folded in.
-
-        An amplified rollout was sampled from the steered policy mu (h + alpha d at layer L), not from the policy
-        pi being trained. Treated as pi's own sample, the policy gradient pushes down tokens pi would almost never
-        produce, without bound (the gradient of log pi(y) does not vanish as pi(y) -> 0), and on the demo world
-        that wrecked training. Truncated importance sampling (Ionides 2008; what TRL applies to vLLM's sampler
-        mismatch) keeps the negative signal on the tokens pi itself would plausibly produce: the realistic part
-        of the rollout. GRPO takes (B, T) advantages; RLOO's loss is per sequence, so there the weight is the
-        mean over the rollout's tokens."""
-        prompt_ids, completion_ids = output["prompt_ids"], output["completion_ids"]
-        mask = output["completion_mask"]
-        rows = self._amplified.nonzero().flatten().to(prompt_ids.device)
-        # a process with no amplified row still runs the forwards (on row 0, its weight unused): see the caller
-        probe = rows if len(rows) else torch.zeros(1, dtype=torch.long, device=prompt_ids.device)
-        input_ids = torch.cat([prompt_ids[probe], completion_ids[probe]], dim=1)
-        attention = torch.cat([output["prompt_mask"][probe], mask[probe]], dim=1)
-        width = completion_ids.size(1)
-
-        def logps():
-            out = self._get_per_token_logps_and_entropies(self.model, input_ids, attention, width)
-            return out[0] if isinstance(out, tuple) else out
-
-        pi = logps()
-        with add_to_residual(self.model, self.sae_layer, self._amplify_vector):  # as generated: every position
-            mu = logps()
-        weight = (torch.exp(pi - mu).clamp(max=self.args.amplify_importance_cap) * mask[probe])[: len(rows)]
-        advantages = output["advantages"]
-        # the mean weight over every process's amplified tokens
-        totals = self.accelerator.gather(torch.stack([weight.sum(), mask[rows].sum().to(weight.dtype)]).reshape(1, 2))
-        self._metrics["train"]["sae/amplified_importance_weight"].append(
-            (totals[:, 0].sum() / totals[:, 1].sum().clamp(min=1)).item())
-        if self._per_sequence_advantages:
-            advantages = advantages.clone()
-            advantages[rows] = advantages[rows] * weight.sum(1) / mask[rows].sum(1).clamp(min=1)
-            return advantages
-        per_token = advantages.reshape(-1, 1).expand(-1, width).clone()
-        per_token[rows] = per_token[rows] * weight
-        return per_token
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         with self._with_sae_reward_kwargs(inputs):

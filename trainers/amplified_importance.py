@@ -1,0 +1,85 @@
+"""Amplified rollouts are samples of the steered policy: the corrections their advantages and losses need.
+
+An amplified rollout was sampled with h + alpha d at layer L (the steered policy mu), not from the policy pi
+being trained. `AmplifiedImportanceMixin._correct_amplified_rows` runs after TRL has scored a generation batch:
+it weights each amplified token's advantage by min(pi / mu, `amplify_importance_cap`) and keeps TRL's vLLM
+sampler correction off those rows, where it would drop or double-correct them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from qscope_rl.hooks import add_to_residual
+
+
+class AmplifiedImportanceMixin:
+    """For `SAETrainerMixin`: needs ``_amplified`` (bool per local row), ``_amplify_vector``, ``sae_layer``."""
+
+    _per_sequence_advantages = False  # RLOO's loss takes one advantage per rollout; GRPO's, one per token too
+
+    def _correct_amplified_rows(self, output: dict) -> None:
+        self._exempt_amplified_rows_from_engine_correction(output)
+        # On every process that amplifies (not only those holding amplified rows): the forwards and the metric's
+        # gather are collectives under ZeRO-3 and DDP.
+        if self.args.amplify_importance_cap is not None:
+            output["advantages"] = self._importance_weighted_advantages(output)
+
+    def _exempt_amplified_rows_from_engine_correction(self, output: dict) -> None:
+        """Set TRL's vLLM sampler correction to 1 on amplified rows.
+
+        Under vLLM, TRL weighs every rollout's loss by pi / mu_vLLM (`importance_sampling_ratio`), meant for the
+        engine's numerical mismatch. An amplified rollout was sampled from the steered policy on purpose, so that
+        ratio is about e^-(many): TRL's default (per sequence, masked above 3) would silently drop the rollout
+        from the loss, and a per-token mode would apply our correction a second time. Its steering is corrected
+        by `_importance_weighted_advantages` alone (or, with no cap, not at all)."""
+        ratio = output.get("importance_sampling_ratio")
+        if ratio is None:
+            return
+        rows = self._amplified.to(ratio.device)
+        if bool(rows.any()):
+            ratio = ratio.clone()
+            ratio[rows] = 1.0
+            output["importance_sampling_ratio"] = ratio
+
+    @torch.no_grad()
+    def _importance_weighted_advantages(self, output: dict) -> Tensor:
+        """The advantages with each amplified token's weight min(pi / mu, cap) folded in.
+
+        An amplified rollout was sampled from the steered policy mu (h + alpha d at layer L), not from the policy
+        pi being trained. Treated as pi's own sample, the policy gradient pushes down tokens pi would almost never
+        produce, without bound (the gradient of log pi(y) does not vanish as pi(y) -> 0), and on the demo world
+        that wrecked training. Truncated importance sampling (Ionides 2008; what TRL applies to vLLM's sampler
+        mismatch) keeps the negative signal on the tokens pi itself would plausibly produce: the realistic part
+        of the rollout. GRPO takes (B, T) advantages; RLOO's loss is per sequence, so there the weight is the
+        mean over the rollout's tokens."""
+        prompt_ids, completion_ids = output["prompt_ids"], output["completion_ids"]
+        mask = output["completion_mask"]
+        rows = self._amplified.nonzero().flatten().to(prompt_ids.device)
+        # a process with no amplified row still runs the forwards (on row 0, its weight unused): see the caller
+        probe = rows if len(rows) else torch.zeros(1, dtype=torch.long, device=prompt_ids.device)
+        input_ids = torch.cat([prompt_ids[probe], completion_ids[probe]], dim=1)
+        attention = torch.cat([output["prompt_mask"][probe], mask[probe]], dim=1)
+        width = completion_ids.size(1)
+
+        def logps():
+            out = self._get_per_token_logps_and_entropies(self.model, input_ids, attention, width)
+            return out[0] if isinstance(out, tuple) else out
+
+        pi = logps()
+        with add_to_residual(self.model, self.sae_layer, self._amplify_vector):  # as generated: every position
+            mu = logps()
+        weight = (torch.exp(pi - mu).clamp(max=self.args.amplify_importance_cap) * mask[probe])[: len(rows)]
+        advantages = output["advantages"]
+        # the mean weight over every process's amplified tokens
+        totals = self.accelerator.gather(torch.stack([weight.sum(), mask[rows].sum().to(weight.dtype)]).reshape(1, 2))
+        self._metrics["train"]["sae/amplified_importance_weight"].append(
+            (totals[:, 0].sum() / totals[:, 1].sum().clamp(min=1)).item())
+        if self._per_sequence_advantages:
+            advantages = advantages.clone()
+            advantages[rows] = advantages[rows] * weight.sum(1) / mask[rows].sum(1).clamp(min=1)
+            return advantages
+        per_token = advantages.reshape(-1, 1).expand(-1, width).clone()
+        per_token[rows] = per_token[rows] * weight
+        return per_token
