@@ -64,16 +64,15 @@ def steering_metrics(world, prompts, completions, base_model, tokenizer, target_
 
     pairs = list(zip(prompts, completions))
     n = len(completions)
+    foreign = [world.judge.foreign(c, p.lang) for p, c in pairs]  # each completion judged once, every target
     out = {"n": n,
-           "code_switch_rate": sum(world.code_switch(c, p.lang) for p, c in pairs) / n,
+           "code_switch_rate": sum(map(bool, foreign)) / n,
            "code_switch_rate_script": sum(judges.script_code_switch(c, p.lang) for p, c in pairs) / n,
            "perplexity": perplexity(base_model, tokenizer, [p.text for p in prompts], completions)}
     for lang in sorted({lang for p in prompts for lang in world.judge.langs if lang != p.lang}):
-        out[f"code_switch_rate_{lang}"] = sum(p.lang != lang and world.code_switch(c, p.lang, to=lang)
-                                              for p, c in pairs) / n
+        out[f"code_switch_rate_{lang}"] = sum(lang in f for f in foreign) / n
     if target_topic is not None:
-        out["topic_share"] = sum(world_topic(world, c, p.lang) == target_topic
-                                 for p, c in zip(prompts, completions)) / len(completions)
+        out["topic_share"] = sum(world_topic(world, c, p.lang) == target_topic for p, c in pairs) / n
     return out
 
 
