@@ -5,6 +5,7 @@ import os
 
 import pytest
 import torch
+from peak_memory import peak_tensor_bytes
 from safetensors.torch import save_file
 from test_sae import naive_topk_encode, random_weights
 from torch.testing import assert_close
@@ -229,20 +230,14 @@ def test_hub_resolution_refuses_k_zero_before_any_download():
 
 def test_loading_allocates_the_weights_once(tmp_path):
     # The values check once held an abs() copy and two masks of the whole W_dec: 1.75x the SAE at load time.
-    from torch.profiler import ProfilerActivity, profile
-
     d_in, d_sae = 64, 16384
     folder = tmp_path / "SAE-Res-random-W16K-L0_8"
     folder.mkdir()
     W_dec = torch.randn(d_in, d_sae)
     torch.save({"W_enc": W_dec.T.contiguous(), "b_enc": torch.zeros(d_sae), "W_dec": W_dec,
                 "b_dec": torch.zeros(d_in)}, folder / "layer0.sae.pt")
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        sae = load_sae(folder, 0)
-    level = peak = 0
-    for event in sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                        key=lambda e: e.start_ns()):
-        level += event.nbytes()
-        peak = max(peak, level)
+    loaded = []
+    peak = peak_tensor_bytes(lambda: loaded.append(load_sae(folder, 0)))
+    sae = loaded[0]
     weights = sum(p.numel() * p.element_size() for p in sae.parameters())
     assert weights <= peak <= 1.1 * weights

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from peak_memory import peak_tensor_bytes
 from tiny_models import HIDDEN, tiny_model
 from torch.testing import assert_close
 
@@ -182,20 +183,14 @@ def test_bad_input_is_refused_by_name():
 def test_reading_the_codes_costs_no_full_size_copies():
     """The read-out allocates its outputs and bounded blocks, not a full-size temporary of every code (an int64
     copy of the int16 ids and an advanced-indexing copy once made the sparse capture's peak 2x its outputs)."""
-    from torch.profiler import ProfilerActivity, profile
-
     d_in, d_sae, k, B, T = 16, 1024, 32, 32, 512
     sae = random_sae(d_in=d_in, d_sae=d_sae, k=k)
     cap = SparseCapture(sae, tracked_ids=[1, 2, 3], prompt_length=0, capacity=T)
     cap.feed(torch.randn(B, T, d_in))
     cap.result()  # everything encoded: only the read-out is measured below
     mask = torch.ones(B, T, dtype=torch.bool)
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        acts = cap.completion_activations(mask)
-    level = peak = 0
-    for event in sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                        key=lambda e: e.start_ns()):
-        level += event.nbytes()
-        peak = max(peak, level)
+    read = []
+    peak = peak_tensor_bytes(lambda: read.append(cap.completion_activations(mask)))
+    acts = read[0]
     outputs = sum(t.numel() * t.element_size() for t in (acts.values, acts.indices, acts.pre))
     assert outputs <= peak <= 1.1 * outputs + 2**20
