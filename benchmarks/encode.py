@@ -13,7 +13,10 @@ is fp32 (`--dtype bfloat16` for bf16) and the timings synchronise.
 
 The last line is one JSON object with `sparse_vs_matmul` (throughput ratio, higher is better; goal >= 0.95),
 `blocked_topk_speedup` (encode_sparse with / without the blocked top-k) and `sparse_mem_vs_dense` (peak-memory
-ratio, lower is better; target < 0.1).
+ratio, lower is better; target < 0.1). It also times the top-k alone on one chunk's pre-activations (1,024 tokens),
+as a share of that chunk's matmul: torch.topk, `topk_codes` at block widths 32 / 64 / 128, and threshold-then-select
+(the k-th largest block maximum is a threshold at least k entries reach; keep the entries above it, top-k those):
+`topk_share_of_matmul` is what any faster top-k could still win.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from qscope_rl import SparseAutoencoder
+from qscope_rl.sae.autoencoder import DEFAULT_CHUNK_TOKENS, topk_codes
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -56,6 +60,44 @@ def run_path(name: str, sae: SparseAutoencoder, x: torch.Tensor):
     if DEVICE == "cuda":
         torch.cuda.synchronize()
     return out
+
+
+def threshold_select(pre: torch.Tensor, k: int, block: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k by threshold-then-select: every entry of the top k is >= the k-th largest block maximum."""
+    rows = pre.shape[0]
+    maxima = pre.view(rows, -1, block).amax(-1)
+    threshold = maxima.topk(k, dim=-1, sorted=False).values.amin(-1, keepdim=True)
+    row, col = (pre >= threshold).nonzero(as_tuple=True)  # row-major: each row's survivors are contiguous
+    counts = torch.bincount(row, minlength=rows)
+    slot = torch.arange(len(row), device=pre.device) - (counts.cumsum(0) - counts)[row]
+    candidates = pre.new_full((rows, int(counts.max())), float("-inf"))
+    where = torch.zeros(candidates.shape, dtype=torch.long, device=pre.device)
+    candidates[row, slot], where[row, slot] = pre[row, col], col
+    values, picked = candidates.topk(k, dim=-1, sorted=False)
+    return values, where.gather(1, picked)
+
+
+def topk_alone(sae: SparseAutoencoder, x: torch.Tensor, repeats: int) -> dict:
+    """Best-of-`repeats` seconds of each top-k on one chunk's pre-activations, and of that chunk's matmul."""
+    chunk = x[:DEFAULT_CHUNK_TOKENS]
+    pre = sae.pre_acts(chunk)
+    reference = pre.topk(sae.k, dim=-1).values.sort(-1).values
+    paths = {"matmul_chunk": lambda: F.linear(chunk, sae.W_enc), "torch_topk": lambda: pre.topk(sae.k, dim=-1,
+                                                                                                sorted=False)}
+    paths.update({f"blocked_{b}": (lambda b=b: topk_codes(pre, sae.k, b)) for b in (32, 64, 128)})
+    paths["threshold_select"] = lambda: threshold_select(pre, sae.k)
+    for name, run in paths.items():  # all exact: the same values as torch.topk
+        if name != "matmul_chunk" and not torch.equal(run()[0].sort(-1).values, reference):
+            raise AssertionError(f"{name} is not an exact top-k")
+    times = {name: [] for name in paths}
+    for _ in range(repeats):
+        for name, run in paths.items():
+            start = time.perf_counter()
+            run()
+            if DEVICE == "cuda":
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - start)
+    return {name: min(t) for name, t in times.items()}
 
 
 def peak_rss_bytes() -> int:
@@ -124,6 +166,10 @@ def main() -> None:
     for p in paths:
         peak = memory.get(p, float("nan")) / 2**20
         print(f"{p:<13} {best[p]:>8.3f} {args.tokens / best[p] / 1e3:>8.2f} {peak:>9.0f}")
+    with torch.no_grad():
+        alone = topk_alone(sae, x, max(args.repeats, 5))
+    print(f"top-k alone on {min(len(x), DEFAULT_CHUNK_TOKENS)} tokens, share of their matmul: " + ", ".join(
+        f"{name} {alone[name] / alone['matmul_chunk']:.3f}" for name in alone if name != "matmul_chunk"))
     result = {
         "sparse_vs_matmul": round(best["matmul"] / best["sparse"], 3),
         "sparse_vs_dense": round(best["dense"] / best["sparse"], 3),
@@ -131,6 +177,9 @@ def main() -> None:
         "sparse_plain_vs_matmul": round(best["matmul"] / best["sparse_plain"], 3),
         "sparse_trainer_chunk_vs_matmul": round(best["matmul"] / best["sparse_trainer_chunk"], 3),
         "sparse_mem_vs_dense": round(memory["sparse"] / max(memory["dense"], 1), 4),
+        "topk_share_of_matmul": round(alone["blocked_64"] / alone["matmul_chunk"], 3),
+        "topk_alone_vs_matmul": {n: round(t / alone["matmul_chunk"], 3) for n, t in alone.items()
+                                 if n != "matmul_chunk"},
         "peak_mib": {p: round(m / 2**20, 1) for p, m in memory.items()},
         "tokens": args.tokens, "d_in": args.d_in, "d_sae": args.d_sae, "k": args.k, "device": DEVICE,
         "dtype": args.dtype, "load_average": round(os.getloadavg()[0], 1),

@@ -120,6 +120,14 @@ def test_steering_metrics_judge_switches_by_the_lexicon(world):
     assert m["n"] == 4
 
 
+def test_steering_metrics_refuse_nothing_to_judge_and_unpaired_inputs(world):
+    prompt = world.prompts("heldout", "en")[0]
+    with pytest.raises(ValueError, match="no completions"):
+        steering_metrics(world, [], [], world.model, world.tokenizer)
+    with pytest.raises(ValueError, match="2 prompts for 1 completions"):
+        steering_metrics(world, [prompt, prompt], ["a"], world.model, world.tokenizer)
+
+
 @pytest.mark.slow
 def test_world_suppression_and_topic_steering(world, zh_pack):
     sae = load_sae(world.sae_dir, layer=world.layer)

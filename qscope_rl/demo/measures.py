@@ -62,8 +62,13 @@ def steering_metrics(world, prompts, completions, base_model, tokenizer, target_
     ``target_topic``; the unsteered model's perplexity on them; ``n``, the number of completions."""
     from qscope_rl.tools.steered_generation import perplexity
 
-    pairs = list(zip(prompts, completions))
     n = len(completions)
+    if len(prompts) != n:
+        raise ValueError(f"steering_metrics: {len(prompts)} prompts for {n} completions; pass one prompt per "
+                         f"completion (repeat a prompt for each of its samples)")
+    if n == 0:
+        raise ValueError("steering_metrics: no completions to judge (every rate would be 0 / 0)")
+    pairs = list(zip(prompts, completions))
     foreign = [world.judge.foreign(c, p.lang) for p, c in pairs]  # each completion judged once, every target
     out = {"n": n,
            "code_switch_rate": sum(map(bool, foreign)) / n,
