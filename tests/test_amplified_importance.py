@@ -119,3 +119,59 @@ def test_vllm_sampler_correction_leaves_amplified_rows_to_ours(world, pack_files
     ratio = again["importance_sampling_ratio"]
     assert ratio[trainer._amplified].eq(1.0).all() and ratio[~trainer._amplified].eq(0.97).all()
     torch.testing.assert_close(again["advantages"], out["advantages"])  # our correction, unchanged
+
+
+
+def replay(trainer, monkeypatch, out, base, **logps):
+    """The trainer's correction run again on its recorded output ``out`` (``base``: the parent's advantages), with
+    TRL's per-token log-probabilities added as TRL 1.16 returns them: ``old_per_token_logps`` (the training policy,
+    when TRL computes it) and, under vLLM, ``sampling_per_token_logps`` (the engine's, of what it sampled: the
+    steered policy on amplified rows). Also returns the calls to the trainer's log-probability forward."""
+    recorded = {k: v.clone() if torch.is_tensor(v) else v for k, v in out.items()}
+    recorded.update(advantages=base.clone(), **logps)
+    monkeypatch.setattr(GRPOTrainer, "_generate_and_score_completions",
+                        lambda self, inputs: {k: v.clone() if torch.is_tensor(v) else v for k, v in recorded.items()})
+    calls, forward = [], trainer._get_per_token_logps_and_entropies
+    monkeypatch.setattr(trainer, "_get_per_token_logps_and_entropies",
+                        lambda *a, **k: calls.append(1) or forward(*a, **k))
+    return trainer._generate_and_score_completions([]), calls
+
+
+def test_under_vllm_the_weight_comes_from_trl_log_probabilities_without_forwards(world, pack_files, tmp_path,
+                                                                                 monkeypatch):
+    """Under vLLM TRL already holds pi (``old_per_token_logps``) and the engine's log-probability of each sampled
+    token (``sampling_per_token_logps``): mu itself on amplified rows, steered as sampled. The weight is
+    min(exp(pi - mu_engine), cap), with no forward of ours; the engine's log-probabilities on amplified rows are
+    then set to pi, so TRL's off-policy sequence mask, like its ratio, leaves their steering to our weight."""
+    trainer = make("grpo", world, pack_files, tmp_path, amplify_importance_cap=2.0)
+    first, base = generate_and_score(trainer, GRPOTrainer, world, monkeypatch)
+    width = first["completion_ids"].shape[1]
+    old = -torch.rand(4, width) * 3
+    sampled = old - torch.randn(4, width)  # engine log-probabilities, both ways off pi
+    sampled[0, 0] = float("nan")  # a token vLLM could not score (row 0 is amplified): no mu, weight 0
+    out, calls = replay(trainer, monkeypatch, first, base, old_per_token_logps=old.clone(),
+                        sampling_per_token_logps=sampled.clone())
+    rows = trainer._amplified
+    assert calls == []
+    weight = torch.exp(old - sampled).clamp(max=2.0) * first["completion_mask"].float()
+    weight[0, 0] = 0.0
+    assert rows[0] and out["advantages"][0, 0] == 0
+    torch.testing.assert_close(out["advantages"][rows], base[rows, None] * weight[rows])
+    torch.testing.assert_close(out["advantages"][~rows], base[~rows, None].expand(-1, width))
+    torch.testing.assert_close(out["sampling_per_token_logps"][rows], old[rows])
+    torch.testing.assert_close(out["sampling_per_token_logps"][~rows], sampled[~rows])
+
+
+def test_trl_policy_log_probabilities_replace_our_unsteered_forward(world, pack_files, tmp_path, monkeypatch):
+    """Without vLLM TRL computes ``old_per_token_logps`` when generation and optimisation steps are misaligned;
+    then pi is read from it and only the steered forward (mu) runs."""
+    trainer = make("grpo", world, pack_files, tmp_path, amplify_importance_cap=2.0)
+    first, base = generate_and_score(trainer, GRPOTrainer, world, monkeypatch)
+    pi = reference_logps(trainer.model, first, torch.arange(4), COMMON["temperature"])
+    out, calls = replay(trainer, monkeypatch, first, base, old_per_token_logps=pi.clone())
+    rows = trainer._amplified
+    assert len(calls) == 1
+    mu = reference_logps(trainer.model, first, rows.nonzero().flatten(), COMMON["temperature"],
+                         trainer._amplify_vector, world.layer)
+    weight = torch.exp(pi[rows] - mu).clamp(max=2.0) * first["completion_mask"][rows].float()
+    torch.testing.assert_close(out["advantages"][rows], base[rows, None] * weight, rtol=1e-4, atol=1e-5)

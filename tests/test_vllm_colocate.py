@@ -206,6 +206,37 @@ def hf_greedy(vworld, prompt, n, vector=None, from_position=0):
     return out[0, len(prompt):].tolist()
 
 
+def test_amplified_weight_reads_mu_from_the_engine_and_matches_our_steered_forward(trainer, vworld, recorder):
+    """Under vLLM the amplified rows' weight min(pi / mu, cap) takes mu from the engine's log-probabilities of what
+    it sampled (steered there by request), with no forward of ours: it must equal the weight from a steered HF
+    forward, and TRL's sampler corrections must be off those rows afterwards. Runs before training: the engine and
+    the policy hold the same weights, so the two differ by the steering alone."""
+    seen = {}
+    weights = type(trainer)._amplified_token_weights
+
+    def both(self, output):
+        seen["keys"] = set(output)
+        seen["engine"] = weights(self, output)
+        seen["forward"] = weights(self, {k: v for k, v in output.items() if k != "sampling_per_token_logps"})
+        return seen["engine"]
+
+    prompts, recorded = vworld.prompts("train", lang="en")[:2], len(recorder.calls)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(type(trainer), "_amplified_token_weights", both)
+        trainer.model.train()
+        out = trainer._generate_and_score_completions([{"prompt": p.text, "lang": p.lang} for p in prompts
+                                                       for _ in range(G)])
+    del recorder.calls[recorded:]  # the training test reads the first call of training
+    assert {"old_per_token_logps", "sampling_per_token_logps"} <= seen["keys"]
+    rows = trainer._amplified
+    assert int(rows.sum()) == 2
+    mask = out["completion_mask"][rows].bool()
+    assert (seen["forward"][mask] < 0.99).any()  # the steering moves mu: a weight that is not all ones
+    assert_close(seen["engine"][mask], seen["forward"][mask], rtol=1e-3, atol=1e-3)
+    assert out["importance_sampling_ratio"][rows].eq(1).all()
+    assert_close(out["sampling_per_token_logps"][rows], out["old_per_token_logps"][rows])
+
+
 def test_grpo_two_steps_in_colocate_mode_log_sae_rewards_and_align(trainer, vworld, sae, steer_vector, recorder):
     trainer.train()
     logs = trainer.state.log_history

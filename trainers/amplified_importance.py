@@ -3,7 +3,8 @@
 An amplified rollout was sampled with h + alpha d at layer L (the steered policy mu), not from the policy pi
 being trained. `AmplifiedImportanceMixin._correct_amplified_rows` runs after TRL has scored a generation batch:
 it weights each amplified token's advantage by min(pi / mu, `amplify_importance_cap`) and keeps TRL's vLLM
-sampler correction off those rows, where it would drop or double-correct them.
+sampler corrections (its ratio and its off-policy mask) off those rows, where they would drop or double-correct
+them. Under vLLM the weight costs no forward: TRL already holds pi and the engine's mu.
 """
 
 from __future__ import annotations
@@ -20,30 +21,38 @@ class AmplifiedImportanceMixin:
     _per_sequence_advantages = False  # RLOO's loss takes one advantage per rollout; GRPO's, one per token too
 
     def _correct_amplified_rows(self, output: dict) -> None:
-        self._exempt_amplified_rows_from_engine_correction(output)
         # On every process that amplifies (not only those holding amplified rows): the forwards and the metric's
-        # gather are collectives under ZeRO-3 and DDP.
+        # gather are collectives under ZeRO-3 and DDP. The weight reads the engine's log-probabilities before
+        # the exemption overwrites them.
         if self.args.amplify_importance_cap is not None:
             output["advantages"] = self._importance_weighted_advantages(output)
+        self._exempt_amplified_rows_from_engine_correction(output)
 
     def _exempt_amplified_rows_from_engine_correction(self, output: dict) -> None:
-        """Set TRL's vLLM sampler correction to 1 on amplified rows.
+        """Keep TRL's vLLM sampler corrections off amplified rows: its ratio set to 1, the engine's
+        log-probabilities set to pi.
 
         Under vLLM, TRL weighs every rollout's loss by pi / mu_vLLM (`importance_sampling_ratio`), meant for the
-        engine's numerical mismatch. An amplified rollout was sampled from the steered policy on purpose, so that
-        ratio is about e^-(many): TRL's default (per sequence, masked above 3) would silently drop the rollout
-        from the loss, and a per-token mode would apply our correction a second time. Its steering is corrected
-        by `_importance_weighted_advantages` alone (or, with no cap, not at all)."""
-        ratio = output.get("importance_sampling_ratio")
-        if ratio is None:
+        engine's numerical mismatch, and its off-policy sequence mask (``off_policy_mask_threshold``) drops
+        negative-advantage rollouts far from ``sampling_per_token_logps``. An amplified rollout was sampled from
+        the steered policy on purpose, so that ratio is about e^-(many) and the mask would catch it: TRL's default
+        (per sequence, masked above 3) would silently drop the rollout from the loss, and a per-token mode would
+        apply our correction a second time. Its steering is corrected by `_importance_weighted_advantages` alone
+        (or, with no cap, not at all)."""
+        rows = self._amplified
+        if not bool(rows.any()):
             return
-        rows = self._amplified.to(ratio.device)
-        if bool(rows.any()):
+        ratio = output.get("importance_sampling_ratio")
+        if ratio is not None:
             ratio = ratio.clone()
-            ratio[rows] = 1.0
+            ratio[rows.to(ratio.device)] = 1.0
             output["importance_sampling_ratio"] = ratio
+        sampled, old = output.get("sampling_per_token_logps"), output.get("old_per_token_logps")
+        if sampled is not None and old is not None:
+            sampled = sampled.clone()
+            sampled[rows.to(sampled.device)] = old[rows.to(old.device)]
+            output["sampling_per_token_logps"] = sampled
 
-    @torch.no_grad()
     def _importance_weighted_advantages(self, output: dict) -> Tensor:
         """The advantages with each amplified token's weight min(pi / mu, cap) folded in.
 
@@ -54,28 +63,14 @@ class AmplifiedImportanceMixin:
         mismatch) keeps the negative signal on the tokens pi itself would plausibly produce: the realistic part
         of the rollout. GRPO takes (B, T) advantages; RLOO's loss is per sequence, so there the weight is the
         mean over the rollout's tokens."""
-        prompt_ids, completion_ids = output["prompt_ids"], output["completion_ids"]
-        mask = output["completion_mask"]
-        rows = self._amplified.nonzero().flatten().to(prompt_ids.device)
-        # a process with no amplified row still runs the forwards (on row 0, its weight unused): see the caller
-        probe = rows if len(rows) else torch.zeros(1, dtype=torch.long, device=prompt_ids.device)
-        input_ids = torch.cat([prompt_ids[probe], completion_ids[probe]], dim=1)
-        attention = torch.cat([output["prompt_mask"][probe], mask[probe]], dim=1)
-        width = completion_ids.size(1)
-
-        def logps():
-            out = self._get_per_token_logps_and_entropies(self.model, input_ids, attention, width)
-            return out[0] if isinstance(out, tuple) else out
-
-        pi = logps()
-        with add_to_residual(self.model, self.sae_layer, self._amplify_vector):  # as generated: every position
-            mu = logps()
-        weight = (torch.exp(pi - mu).clamp(max=self.args.amplify_importance_cap) * mask[probe])[: len(rows)]
-        advantages = output["advantages"]
+        mask, width = output["completion_mask"], output["completion_ids"].size(1)
+        rows = self._amplified.nonzero().flatten().to(mask.device)
+        weight = self._amplified_token_weights(output)
         # the mean weight over every process's amplified tokens
         totals = self.accelerator.gather(torch.stack([weight.sum(), mask[rows].sum().to(weight.dtype)]).reshape(1, 2))
         self._metrics["train"]["sae/amplified_importance_weight"].append(
             (totals[:, 0].sum() / totals[:, 1].sum().clamp(min=1)).item())
+        advantages = output["advantages"]
         if self._per_sequence_advantages:
             advantages = advantages.clone()
             advantages[rows] = advantages[rows] * weight.sum(1) / mask[rows].sum(1).clamp(min=1)
@@ -83,3 +78,38 @@ class AmplifiedImportanceMixin:
         per_token = advantages.reshape(-1, 1).expand(-1, width).clone()
         per_token[rows] = per_token[rows] * weight
         return per_token
+
+    @torch.no_grad()
+    def _amplified_token_weights(self, output: dict) -> Tensor:
+        """min(pi / mu, cap) on each completion token of the amplified rows (0 on padding), (rows, T).
+
+        pi and mu come from TRL's output where it has them, else from forwards of ours on the amplified rows:
+        pi is TRL's ``old_per_token_logps`` (computed under vLLM, or when generation and optimisation steps are
+        misaligned); under vLLM, mu is the engine's log-probability of what it sampled
+        (``sampling_per_token_logps``, processed as sampled: temperature, top-p), steered on amplified rows. With
+        the engine's mu the weight also corrects the engine's numerical mismatch on those rows, which TRL's ratio
+        (set to 1 there) no longer does."""
+        prompt_ids, completion_ids = output["prompt_ids"], output["completion_ids"]
+        mask = output["completion_mask"]
+        rows = self._amplified.nonzero().flatten().to(prompt_ids.device)
+        # a process with no amplified row still runs the forwards (on row 0, its weight unused): see the caller
+        probe = rows if len(rows) else torch.zeros(1, dtype=torch.long, device=prompt_ids.device)
+        input_ids = torch.cat([prompt_ids[probe], completion_ids[probe]], dim=1)
+        attention = torch.cat([output["prompt_mask"][probe], mask[probe]], dim=1)
+
+        def logps():
+            out = self._get_per_token_logps_and_entropies(self.model, input_ids, attention, completion_ids.size(1))
+            return out[0] if isinstance(out, tuple) else out
+
+        # Whether a forward runs is decided by the config alone (which keys TRL returns), the same on every
+        # process: the forwards are collectives under ZeRO-3.
+        old, sampled = output.get("old_per_token_logps"), output.get("sampling_per_token_logps")
+        pi = old[probe] if old is not None else logps()
+        if sampled is not None and old is not None:
+            mu = sampled[probe]
+        else:
+            with add_to_residual(self.model, self.sae_layer, self._amplify_vector):  # as generated: every position
+                mu = logps()
+        weight = torch.exp(pi - mu).clamp(max=self.args.amplify_importance_cap) * mask[probe]
+        # NaN where vLLM could not score a token: no mu there, and weight 1 would be the unbounded push-down
+        return torch.nan_to_num(weight, nan=0.0)[: len(rows)]
