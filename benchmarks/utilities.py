@@ -123,6 +123,10 @@ def bench_steer(world, sae, plots: Path | None) -> dict:
         out[f"steer_cs_reduction_{mode}"] = cs["modes"][mode]["reduction"]
         out[f"steer_cs_ppl_ratio_{mode}"] = cs["modes"][mode]["ppl_ratio"]
         out[f"steer_throughput_ratio_{mode}"] = ratios[mode]
+        out[f"steer_cs_loop_rate_{mode}"] = cs["modes"][mode]["loop_rate"]
+        out[f"steer_cs_distinct_2_{mode}"] = cs["modes"][mode]["distinct_2"]
+    out["steer_cs_loop_rate_unsteered"] = cs["unsteered"]["loop_rate"]
+    out["steer_cs_distinct_2_unsteered"] = cs["unsteered"]["distinct_2"]
     for mode in topic["modes"]:
         out[f"steer_topic_success_{mode}"] = topic["modes"][mode]["topic_share"]
         out[f"steer_topic_ppl_ratio_{mode}"] = topic["modes"][mode]["ppl_ratio"]

@@ -120,6 +120,19 @@ def test_steering_metrics_judge_switches_by_the_lexicon(world):
     assert m["n"] == 4
 
 
+def test_steering_metrics_report_degeneration_beside_perplexity(world):
+    """A perplexity ratio below 1 can mean repetition, which the unsteered model finds predictable: the measure
+    reports the loop rate, the share of distinct word bigrams (pooled) and the mean completion length beside it."""
+    prompt = world.prompts("heldout", "en")[0]
+    words = sorted(set(world.lexicon.general["en"]) - world.lexicon.words("es") - world.lexicon.words("zh"))
+    fresh = " ".join(words[:7])  # 7 distinct words: 6 distinct bigrams
+    loop = " ".join(words[:2] * 4)  # a b a b a b a b: 7 bigrams, 2 distinct, and a trailing loop
+    m = steering_metrics(world, [prompt] * 2, [fresh, loop], world.model, world.tokenizer)
+    assert m["loop_rate"] == pytest.approx(1 / 2)
+    assert m["distinct_2"] == pytest.approx((6 + 2) / (6 + 7))
+    assert m["mean_units"] == pytest.approx((7 + 8) / 2)
+
+
 def test_steering_metrics_refuse_nothing_to_judge_and_unpaired_inputs(world):
     prompt = world.prompts("heldout", "en")[0]
     with pytest.raises(ValueError, match="no completions"):

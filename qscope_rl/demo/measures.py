@@ -59,7 +59,13 @@ def demo_benchmarks(world, per_topic: int = 12, seed: int = 0) -> tuple[dict[str
 def steering_metrics(world, prompts, completions, base_model, tokenizer, target_topic: str | None = None) -> dict:
     """Judge completions on the world: code-switch rate by the world's lexicon (the ground truth, which sees the
     same-script Spanish switch), per target language and as a Unicode-script judge sees it; the share judged on
-    ``target_topic``; the unsteered model's perplexity on them; ``n``, the number of completions."""
+    ``target_topic``; the unsteered model's perplexity on them; ``n``, the number of completions.
+
+    Beside the perplexity, what it cannot see: repetitive text is predictable, so a steered model that loops
+    scores a lower perplexity than the unsteered one. ``loop_rate`` (completions ending in a loop,
+    `judges.has_loop`), ``distinct_2`` (each completion's distinct unit bigrams over its bigrams, summed over
+    completions: repetition within a sample, not shared phrases across samples) and ``mean_units`` (mean length
+    in `judges.units`)."""
     from qscope_rl.tools.steered_generation import perplexity
 
     n = len(completions)
@@ -69,11 +75,16 @@ def steering_metrics(world, prompts, completions, base_model, tokenizer, target_
     if n == 0:
         raise ValueError("steering_metrics: no completions to judge (every rate would be 0 / 0)")
     pairs = list(zip(prompts, completions))
+    split = [judges.units(c) for c in completions]
+    bigrams = [[tuple(u[i:i + 2]) for i in range(len(u) - 1)] for u in split]
     foreign = [world.judge.foreign(c, p.lang) for p, c in pairs]  # each completion judged once, every target
     out = {"n": n,
            "code_switch_rate": sum(map(bool, foreign)) / n,
            "code_switch_rate_script": sum(judges.script_code_switch(c, p.lang) for p, c in pairs) / n,
-           "perplexity": perplexity(base_model, tokenizer, [p.text for p in prompts], completions)}
+           "perplexity": perplexity(base_model, tokenizer, [p.text for p in prompts], completions),
+           "loop_rate": sum(map(judges.has_loop, split)) / n,
+           "distinct_2": sum(len(set(b)) for b in bigrams) / max(sum(map(len, bigrams)), 1),
+           "mean_units": sum(map(len, split)) / n}
     for lang in sorted({lang for p in prompts for lang in world.judge.langs if lang != p.lang}):
         out[f"code_switch_rate_{lang}"] = sum(lang in f for f in foreign) / n
     if target_topic is not None:

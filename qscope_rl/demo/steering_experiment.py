@@ -36,6 +36,13 @@ CS_STRENGTHS = {"add": ("-light", "-medium", "-strong"), "clamp": ("-light", "-m
 TOPIC_STRENGTHS = {"add": ("medium", "strong", "20x"), "clamp": ("medium", "strong", "20x"),
                    "conditional": (2.0, 4.0, 10.0)}
 CS_CAP, TOPIC_CAP = 1.5, 3.0
+# Printed beside the perplexity ratio, which falls when steered text repeats itself (2026-12-03, v9 world: clamp
+# -medium at 0.90x perplexity looped 2.3x as often as unsteered samples); reported, not part of the selection.
+DEGENERATION = ("loop_rate", "distinct_2", "mean_units")
+
+
+def degeneration(m: dict) -> str:
+    return f"{m['loop_rate']:>6.3f} {m['distinct_2']:>6.3f} {m['mean_units']:>5.1f}"
 
 
 def alphas_for(pack, mode: str, strength, top: int) -> dict[int, float]:
@@ -124,17 +131,18 @@ def code_switch_experiment(world, sae, n_dev: int = 128, n_test: int = 256, top:
     log(f"unsteered: {round(base_dev['code_switch_rate'] * len(dev))} of {len(dev)} development samples switch, "
         f"{round(base['code_switch_rate'] * len(test))} of {len(test)} held-out ones (the world's lexicon)")
     log(f"{'mode':<12} {'strength':>9} {'dev cut':>8} {'dev ppl x':>9} {'test cs':>8} {'cut':>7} {'ppl':>7} "
-        f"{'ppl x':>6}")
+        f"{'ppl x':>6} {'loops':>6} {'dist-2':>6} {'units':>5}")
     log(f"{'unsteered':<12} {'':>9} {'':>8} {'':>9} {base['code_switch_rate']:>8.3f} {'':>7} "
-        f"{base['perplexity']:>7.1f}")
+        f"{base['perplexity']:>7.1f} {'':>6} {degeneration(base)}")
     held = {}
     for mode in CS_STRENGTHS:
         m = _run(world, sae, test, alphas(mode, chosen[mode]), mode)
         cut, ratio = effect(base, m)
         held[mode] = {"strength": chosen[mode], "code_switch_rate": m["code_switch_rate"], "reduction": cut,
-                      "perplexity": m["perplexity"], "ppl_ratio": ratio, "dev": list(dev_rows[mode])}
+                      "perplexity": m["perplexity"], "ppl_ratio": ratio, "dev": list(dev_rows[mode]),
+                      **{key: m[key] for key in DEGENERATION}}
         log(f"{mode:<12} {str(chosen[mode]):>9} {dev_rows[mode][0]:>8.1%} {dev_rows[mode][1]:>9.2f} "
-            f"{m['code_switch_rate']:>8.3f} {cut:>7.1%} {m['perplexity']:>7.1f} {ratio:>6.2f}")
+            f"{m['code_switch_rate']:>8.3f} {cut:>7.1%} {m['perplexity']:>7.1f} {ratio:>6.2f} {degeneration(m)}")
     return {"unsteered": base, "modes": held, "headline": headline,
             "alphas": {mode: alphas(mode, chosen[mode]) for mode in CS_STRENGTHS}}
 
