@@ -175,3 +175,39 @@ def test_trl_policy_log_probabilities_replace_our_unsteered_forward(world, pack_
                          trainer._amplify_vector, world.layer)
     weight = torch.exp(pi[rows] - mu).clamp(max=2.0) * first["completion_mask"][rows].float()
     torch.testing.assert_close(out["advantages"][rows], base[rows, None] * weight, rtol=1e-4, atol=1e-5)
+
+
+def test_normal_baseline_scores_every_rollout_against_the_normal_rollouts_only(world, pack_files, tmp_path,
+                                                                               monkeypatch):
+    """``amplify_baseline='normal'``: each group's mean and std come from its normal rollouts; amplified and
+    normal rollouts alike are scored against them (checked against rewards recomputed here, per group)."""
+    trainer = make("grpo", world, pack_files, tmp_path, amplify_importance_cap=None, amplify_baseline="normal",
+                   per_device_train_batch_size=6, num_generations=3)
+    trainer.model.train()
+    batch = [{"prompt": p.text} for p in world.prompts("train", lang="en")[:2] for _ in range(3)]
+    out = trainer._generate_and_score_completions(batch)
+    assert trainer._amplified.tolist() == [True, False, False] * 2
+    texts = world.tokenizer.batch_decode(out["completion_ids"], skip_special_tokens=True)
+    rewards = torch.tensor([float(len(t)) for t in texts]).view(2, 3)
+    expected = []
+    for group in rewards:
+        normal = group[1:]
+        expected += ((group - normal.mean()) / (normal.std() + 1e-4)).tolist()
+    torch.testing.assert_close(out["advantages"], torch.tensor(expected), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(amplify_baseline="mean"), "amplify_baseline='mean'"),
+    (dict(amplify_baseline="normal", num_generations=2), "needs >= 2 normal rollouts"),
+    (dict(amplify_baseline="normal", multi_objective_aggregation="normalize_then_sum", num_generations=3,
+          per_device_train_batch_size=6), "sum_then_normalize"),
+])
+def test_a_normal_baseline_it_cannot_compute_is_refused(world, pack_files, tmp_path, fields, message):
+    with pytest.raises(ValueError, match=message):
+        make("grpo", world, pack_files, tmp_path, **fields)
+
+
+def test_rloo_refuses_the_normal_baseline(world, pack_files, tmp_path):
+    with pytest.raises(ValueError, match="leave-one-out"):
+        make("rloo", world, pack_files, tmp_path, amplify_baseline="normal", num_generations=3,
+             per_device_train_batch_size=6)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from qscope_rl.cli import main
-from qscope_rl.demo.main_job import ARMS, DemoSettings
+from qscope_rl.demo.main_job import ARMS, DEFAULT_ARMS, DemoSettings
 from qscope_rl.demo.policy_measure import MEASURES
 from qscope_rl.demo.report import analyse, markdown
 from qscope_rl.demo.stats import bootstrap_draws, half_step, overlap, ratio, resampled_means, summarize
@@ -118,7 +118,7 @@ def test_quick_demo_runs_end_to_end(world, tmp_path, capsys):
     out = tmp_path / "report"
     assert main(["demo", "--quick", "--world", str(world.path), "--out", str(out), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert set(report["arms"]) == set(ARMS)
+    assert set(report["arms"]) == set(DEFAULT_ARMS)
     for row in [report["untrained"], *report["arms"].values(), report["sft"]["sft"], report["sft"]["sasft"]]:
         for measure in MEASURES:
             assert 0.0 <= row[measure]["ci"][0] <= row[measure]["mean"] <= row[measure]["ci"][1] <= 1.0

@@ -4,26 +4,31 @@ An amplified rollout was sampled with h + alpha d at layer L (the steered policy
 being trained. `AmplifiedImportanceMixin._correct_amplified_rows` runs after TRL has scored a generation batch:
 it weights each amplified token's advantage by min(pi / mu, `amplify_importance_cap`) and keeps TRL's vLLM
 sampler corrections (its ratio and its off-policy mask) off those rows, where they would drop or double-correct
-them. Under vLLM the weight costs no forward: TRL already holds pi and the engine's mu.
+them. Under vLLM the weight costs no forward: TRL already holds pi and the engine's mu. With
+``amplify_baseline='normal'`` (GRPO), each group's baseline comes from its normal rollouts alone.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+from trl.trainer.utils import nanstd  # NaN-aware and Bessel-corrected, as TRL's own advantages
 
 from qscope_rl.hooks import add_to_residual
 
 
 class AmplifiedImportanceMixin:
-    """For `SAETrainerMixin`: needs ``_amplified`` (bool per local row), ``_amplify_vector``, ``sae_layer``."""
+    """For `SAETrainerMixin`: needs ``_amplified`` (bool per local row), ``_amplify_vector``, ``sae_layer`` and
+    (for ``amplify_baseline='normal'``) ``_rewards_per_func``."""
 
     _per_sequence_advantages = False  # RLOO's loss takes one advantage per rollout; GRPO's, one per token too
 
     def _correct_amplified_rows(self, output: dict) -> None:
         # On every process that amplifies (not only those holding amplified rows): the forwards and the metric's
         # gather are collectives under ZeRO-3 and DDP. The weight reads the engine's log-probabilities before
-        # the exemption overwrites them.
+        # the exemption overwrites them, and multiplies the advantages the baseline gives.
+        if self.args.amplify_baseline == "normal":
+            output["advantages"] = self._normal_baseline_advantages()
         if self.args.amplify_importance_cap is not None:
             output["advantages"] = self._importance_weighted_advantages(output)
         self._exempt_amplified_rows_from_engine_correction(output)
@@ -113,3 +118,29 @@ class AmplifiedImportanceMixin:
         weight = torch.exp(pi - mu).clamp(max=self.args.amplify_importance_cap) * mask[probe]
         # NaN where vLLM could not score a token: no mu there, and weight 1 would be the unbounded push-down
         return torch.nan_to_num(weight, nan=0.0)[: len(rows)]
+
+    @torch.no_grad()
+    def _normal_baseline_advantages(self) -> Tensor:
+        """This process's GRPO advantages with each group's baseline taken over its normal rollouts only.
+
+        TRL's baseline is the mean (and, with ``scale_rewards`` 'group' or 'batch', the std) over every rollout
+        of the group. An amplified rollout is steered into a failure and scores low on purpose, so it lowers the
+        mean and inflates the std: every normal rollout's advantage shifts up and shrinks. Here the statistics
+        come from the normal rollouts alone and every rollout, amplified or not, is scored against them. Read
+        from the summed rewards of all processes that `_calculate_rewards` kept, as TRL computes them
+        (unscorable rows, NaN, take no part and get advantage 0)."""
+        per_func = self._rewards_per_func  # (all processes' rows, reward functions), gathered by TRL
+        group = self.num_generations
+        rewards = (per_func * self.reward_weights.to(per_func.device).unsqueeze(0)).nansum(dim=1)
+        rewards[torch.isnan(per_func).all(dim=1)] = torch.nan
+        amplified = (torch.arange(len(rewards), device=rewards.device) % group) < self.args.amplify_num_rollouts
+        normal = rewards.masked_fill(amplified, torch.nan)
+        advantages = rewards - torch.nanmean(normal.view(-1, group), dim=1).repeat_interleave(group)
+        if self.scale_rewards == "group":
+            advantages = advantages / (nanstd(normal.view(-1, group), dim=1).repeat_interleave(group) + 1e-4)
+        elif self.scale_rewards == "batch":
+            advantages = advantages / (nanstd(normal) + 1e-4)
+        advantages = torch.nan_to_num(advantages, nan=0.0)
+        local = len(self._amplified)
+        start = self.accelerator.process_index * local
+        return advantages[start:start + local]

@@ -12,6 +12,7 @@ from trl import GRPOConfig, RLOOConfig, SFTConfig
 
 CAPTURE_MODES = ("auto", "generation", "forward")
 SAE_DTYPES = (None, "float32", "bfloat16", "float16")
+AMPLIFY_BASELINES = ("group", "normal")
 
 
 @dataclass
@@ -115,6 +116,14 @@ class SAEArguments(SAESourceArguments):
                   "policy's probability of the token (truncated importance sampling, as TRL corrects vLLM's sampler; "
                   "cap as TRL's vllm_importance_sampling_clip_max). None treats them as on-policy samples."},
     )
+    amplify_baseline: str = field(
+        default="group",
+        metadata={"help": "GRPO's baseline for groups with amplified rollouts: 'group' (TRL's: mean and std over "
+                  "all of the group's rollouts) or 'normal' (over its normal rollouts only, so that the amplified "
+                  "rollouts' low rewards do not shift and scale the normal rollouts' advantages; the amplified "
+                  "ones are scored against the same baseline). GRPO only, with "
+                  "multi_objective_aggregation='sum_then_normalize'."},
+    )
     sae_log_top_features: int = field(
         default=3, metadata={"help": "How many of the most active problem features to log each step."})
     sae_feature_table_examples: int = field(
@@ -153,6 +162,13 @@ class SAEArguments(SAESourceArguments):
                 raise ValueError(f"amplify_top_n must be >= 1, got {self.amplify_top_n}")
             if self.amplify_importance_cap is not None and not self.amplify_importance_cap > 0:
                 raise ValueError(f"amplify_importance_cap must be > 0 or None, got {self.amplify_importance_cap}")
+        if self.amplify_baseline not in AMPLIFY_BASELINES:
+            raise ValueError(f"amplify_baseline={self.amplify_baseline!r}: expected one of {AMPLIFY_BASELINES}")
+        if self.amplify_baseline == "normal" and self.amplify_pack is not None and num_generations is not None \
+                and num_generations - self.amplify_num_rollouts < 2:
+            raise ValueError(f"amplify_baseline='normal' needs >= 2 normal rollouts per group for their mean and "
+                             f"std, got num_generations={num_generations} with amplify_num_rollouts="
+                             f"{self.amplify_num_rollouts}")
         if getattr(self, "use_vllm", False) and getattr(self, "vllm_mode", None) == "server":
             # A vLLM server is another process: no hook reaches its model (vllm_mode='colocate' is hooked).
             if self.amplify_pack is not None:
@@ -169,6 +185,10 @@ class SAEGRPOConfig(GRPOConfig, SAEArguments):
 
     def __post_init__(self):
         self.validate_sae_args(self.num_generations)  # before TRL's checks, so SAE errors name SAE fields
+        if self.amplify_baseline == "normal" and self.multi_objective_aggregation != "sum_then_normalize":
+            raise ValueError("amplify_baseline='normal' recomputes the baseline of the summed reward "
+                             "(multi_objective_aggregation='sum_then_normalize'); with "
+                             f"{self.multi_objective_aggregation!r} use amplify_baseline='group'")
         super().__post_init__()
 
 
@@ -178,6 +198,9 @@ class SAERLOOConfig(RLOOConfig, SAEArguments):
 
     def __post_init__(self):
         self.validate_sae_args(self.num_generations)  # before TRL's checks, so SAE errors name SAE fields
+        if self.amplify_baseline != "group":
+            raise ValueError("amplify_baseline='normal' is for GRPO: RLOO's baseline is each rollout's "
+                             "leave-one-out mean, not a group statistic; use amplify_baseline='group'")
         super().__post_init__()
 
 

@@ -67,6 +67,7 @@ class SAETrainerMixin(AmplifiedImportanceMixin, FeatureTableMixin, SAEMetricsMix
     _captured = None
     _rollout_acts = None
     _amplified = None
+    _rewards_per_func = None
     _amplify_vector = None
     _rollout_completion_ids = None  # decoded for the top-features table
     _turns = 0
@@ -347,6 +348,7 @@ class SAETrainerMixin(AmplifiedImportanceMixin, FeatureTableMixin, SAEMetricsMix
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         with self._with_sae_reward_kwargs(inputs):
             rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        self._rewards_per_func = rewards_per_func  # every process's rows: the amplified baseline reads them
         self._log_sae_metrics("train" if self.model.training else "eval", rewards_per_func)
         return rewards_per_func
 

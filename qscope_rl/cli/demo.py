@@ -28,7 +28,7 @@ def register(subparsers) -> None:
                         help="world seed of the world size (default: 0), as `qscope-rl world build --seed N`")
     parser.add_argument("--seeds", type=non_negative_int, nargs="+", default=None,
                         help="seeds (default: 0 1 2; 0 with --quick)")
-    parser.add_argument("--arms", default=None, help="which arms, e.g. 'ad' (default: abcdefgh)")
+    parser.add_argument("--arms", default=None, help="which arms, e.g. 'ad' (default: abcdefgh; arm i runs on request)")
     parser.add_argument("--no-sft", action="store_true", help="skip the SFT table (plain SFT vs SASFT)")
     parser.add_argument("--workers", type=positive_int, default=None,
                         help="runs side by side, one thread each (default: 2); changes no number, only the time")

@@ -60,7 +60,11 @@ ARMS = {
     "f": "+ n-gram repetition penalty (open-r1)",
     "g": "+ SASFT auxiliary loss alone",
     "h": "(e) without the importance correction (amplified rollouts as on-policy samples)",
+    "i": "(e) with each group's baseline from its normal rollouts only (amplify_baseline='normal')",
 }
+# What `qscope-rl demo` runs unless --arms says otherwise: (i) answers a question about (e)'s task cost and runs
+# on request (`--arms aei`), so the committed reports stay what the default command prints.
+DEFAULT_ARMS = tuple("abcdefgh")
 SAE_ARMS = ("c", "d", "e", "g")  # the arms whose method reads the SAE
 CURVES = {"code_switch_rate_zh": "rewards/judge_switch_zh/mean", "code_switch_rate_es": "rewards/judge_switch_es/mean",
           "loop_rate": "rewards/judge_loop/mean", "task_reward": "rewards/world_topic/mean"}
@@ -73,7 +77,7 @@ class DemoSettings:
     size: str = "default"  # a world size, or a built world's folder
     world_seed: int = 0  # which world of that size (`qscope-rl world build --seed N`)
     seeds: tuple[int, ...] = (0, 1, 2)
-    arms: tuple[str, ...] = tuple(ARMS)
+    arms: tuple[str, ...] = DEFAULT_ARMS
     max_steps: int = 60
     prompts_per_step: int = 4
     num_generations: int = 8
@@ -151,11 +155,13 @@ def arm_setup(arm: str, world, packs: dict, settings: DemoSettings) -> tuple[lis
             weights.append(settings.sae_penalty_weight)
     if arm in ("d", "g"):
         sae.update(aux_loss_weight=settings.aux_loss_weight, aux_loss_pack=packs["unwanted"])
-    if arm in ("e", "h"):
+    if arm in ("e", "h", "i"):
         choice = settings.notes["amplify"]
         sae.update(amplify_pack=packs[choice["pack"]], amplify_top_n=choice["top_n"], amplify_alpha=choice["alpha"])
     if arm == "h":
         sae.update(amplify_importance_cap=None)
+    if arm == "i":
+        sae.update(amplify_baseline="normal")
     if arm == "f":
         rewards.append(NgramRepetitionPenalty())
         weights.append(settings.ngram_weight)

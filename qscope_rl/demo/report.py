@@ -191,7 +191,7 @@ def markdown(report: dict) -> str:
                   f"{s['amplify_calibration_prompts']} training prompts (loop rate per pack, number of features and "
                   f"alpha: {grid}). On held-out prompts the amplified samples of the untrained policy loop in "
                   f"{amp['loop_rate']:.3f} of {amp['n']} and earn a task reward of {amp['task_reward']:.3f}."]
-        for arm in ("e", "h"):
+        for arm in ("e", "h", "i"):
             row = report["arms"].get(arm, {})
             if "reward_amplified" in row:
                 weight = row.get("amplified_importance_weight")
