@@ -79,7 +79,8 @@ def flop_ratio(name: str, rollouts: int, prompt: int, completion: int, pack: int
     training 3x that (forward, checkpoint recompute, backward through frozen weights; LoRA's own FLOPs and
     weight gradients are under 1% and left out). SAE: encoding 2 d d_sae per completion token, the aux loss
     3 x 2 d f per completion token (the amplified rollout's added vector is O(d)); the importance correction of
-    the ``amplified`` rollouts: two no-grad policy forwards of each (steered and unsteered), prompt included.
+    the ``amplified`` rollouts: a log-softmax over the vocabulary per sampled token (mu, read from the logits
+    generation computed; pi is the training forward's own), about 5 V FLOPs.
     """
     cfg = {**COMMON, **QWEN3[name], **({"num_hidden_layers": layers} if layers else {})}
     d, ff, layers, heads, kv, hd = (cfg[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
@@ -88,7 +89,7 @@ def flop_ratio(name: str, rollouts: int, prompt: int, completion: int, pack: int
     token_forward = 2 * (layers * per_layer + d * cfg["vocab_size"])
     policy = 4 * token_forward * rollouts * (prompt + completion)
     sae = (2 * d * D_SAE + 3 * 2 * d * pack) * rollouts * completion
-    importance = 2 * token_forward * amplified * (prompt + completion)
+    importance = 5 * cfg["vocab_size"] * amplified * completion
     return (policy + sae + importance) / policy
 
 

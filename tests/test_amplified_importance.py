@@ -10,6 +10,7 @@ from trl import GRPOTrainer, RLOOTrainer
 
 from qscope_rl import add_to_residual
 from qscope_rl.trainers import SAEGRPOConfig, SAEGRPOTrainer, SAERLOOConfig, SAERLOOTrainer
+from qscope_rl.trainers.sampled_logprobs import SampledLogprobs
 
 COMMON = dict(per_device_train_batch_size=4, num_generations=2, max_completion_length=8, max_steps=1,
               learning_rate=5e-4, bf16=False, report_to="none", logging_steps=1, save_strategy="no", use_cpu=True,
@@ -46,6 +47,27 @@ def generate_and_score(trainer, parent, world, monkeypatch):
     return trainer._generate_and_score_completions(batch), seen["advantages"]
 
 
+def trained_advantages(trainer, parent, out, monkeypatch):
+    """The advantages TRL's loss reads for the batch ``out`` (weighed there when pi comes from the training
+    forward), and the loss against the same loss with those advantages given up front and no amplified keys."""
+    seen, original = {}, parent._compute_loss
+
+    def spying(self, model, inputs):
+        loss = original(self, model, inputs)
+        seen.setdefault("advantages", inputs["advantages"].clone())
+        return loss
+
+    monkeypatch.setattr(parent, "_compute_loss", spying)
+    trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train, read by TRL's loss
+    batch = {k: v.clone() if torch.is_tensor(v) else v for k, v in out.items()}
+    loss = trainer._compute_loss(trainer.model, batch)
+    assert torch.equal(batch["advantages"], out["advantages"])  # the batch's own advantages are put back
+    plain = {k: v for k, v in out.items() if k not in ("amplified", "amplified_mu")}
+    plain["advantages"] = seen["advantages"]
+    torch.testing.assert_close(loss, original(trainer, trainer.model, plain), rtol=1e-5, atol=1e-6)
+    return seen["advantages"]
+
+
 @torch.no_grad()
 def reference_logps(model, out, rows, temperature, vector=None, layer=None):
     ids = torch.cat([out["prompt_ids"][rows], out["completion_ids"][rows]], 1)
@@ -73,7 +95,9 @@ def test_amplified_advantages_carry_the_truncated_importance_weight(kind, world,
     mask = out["completion_mask"][rows].float()
     weight = torch.exp(pi - mu).clamp(max=2.0) * mask
     assert (weight[mask.bool()] < 0.999).any()  # the steered policy differs: a weight that is not all ones
-    got = out["advantages"]
+    assert torch.equal(out["advantages"], base)  # TRL's: pi comes from the training forward, which weighs them
+    assert torch.equal(out["amplified"], amplified)
+    got = trained_advantages(trainer, {"grpo": GRPOTrainer, "rloo": RLOOTrainer}[kind], out, monkeypatch)
     if kind == "grpo":
         assert got.shape == out["completion_ids"].shape
         torch.testing.assert_close(got[rows], base[rows, None] * weight, rtol=1e-4, atol=1e-5)
@@ -175,6 +199,117 @@ def test_trl_policy_log_probabilities_replace_our_unsteered_forward(world, pack_
                          trainer._amplify_vector, world.layer)
     weight = torch.exp(pi[rows] - mu).clamp(max=2.0) * first["completion_mask"][rows].float()
     torch.testing.assert_close(out["advantages"][rows], base[rows, None] * weight, rtol=1e-4, atol=1e-5)
+
+
+def counted_forwards(trainer, monkeypatch):
+    calls, forward = [], trainer._get_per_token_logps_and_entropies
+    monkeypatch.setattr(trainer, "_get_per_token_logps_and_entropies",
+                        lambda *a, **k: calls.append(1) or forward(*a, **k))
+    return calls
+
+
+# forwards while scoring: TRL's own (RLOO: the policy's, summed into old_logps, and the reference's), + 1 where mu
+# cannot come from generation (pi comes from the training forward)
+@pytest.mark.parametrize("kind, generation, forwards, mu_forwards", [
+    ("grpo", {}, 0, 0),
+    ("grpo", {"use_cache": False}, 0, 0),
+    ("grpo", {"prefill_chunk_size": 3}, 0, 0),
+    ("rloo", {}, 2, 0),
+    ("grpo", {"num_beams": 2}, 1, 1),  # beams are scored, not sampled: mu from the steered forward
+], ids=["kv_cache", "no_cache", "chunked_prefill", "rloo", "beam_search"])
+def test_mu_is_read_from_the_logits_generation_computed(kind, generation, forwards, mu_forwards, world, pack_files,
+                                                        tmp_path, monkeypatch):
+    """With HF generation, mu (the steered policy's log-probability of each sampled token) comes from the logits
+    generation computed, in every layout it feeds positions in: no steered forward, and the same weights as the
+    steered forward over the whole rollout gives (checked here with a plain forward)."""
+    trainer = make(kind, world, pack_files, tmp_path, amplify_importance_cap=2.0, generation_kwargs=generation)
+    recorded, read = [], SampledLogprobs.completion_logprobs
+    monkeypatch.setattr(SampledLogprobs, "completion_logprobs",
+                        lambda self, ids: recorded.append(read(self, ids)) or recorded[-1])
+    calls = counted_forwards(trainer, monkeypatch)
+    out, base = generate_and_score(trainer, {"grpo": GRPOTrainer, "rloo": RLOOTrainer}[kind], world, monkeypatch)
+    assert len(calls) == forwards
+    rows = trainer._amplified.nonzero().flatten()
+    mask = out["completion_mask"][rows].bool()
+    mu = reference_logps(trainer.model, out, rows, COMMON["temperature"], trainer._amplify_vector, world.layer)
+    if mu_forwards:
+        assert recorded == []
+    else:
+        got, why = recorded[0]
+        assert why == "" and got.shape == mu.shape
+        torch.testing.assert_close(got[mask], mu[mask], rtol=1e-4, atol=1e-4)
+    pi = reference_logps(trainer.model, out, rows, COMMON["temperature"])
+    weight = torch.exp(pi - mu).clamp(max=2.0) * mask
+    got = trained_advantages(trainer, {"grpo": GRPOTrainer, "rloo": RLOOTrainer}[kind], out, monkeypatch)
+    if kind == "grpo":
+        torch.testing.assert_close(got[rows], base[rows, None] * weight, rtol=1e-4, atol=1e-4)
+    else:
+        torch.testing.assert_close(got[rows], base[rows] * weight.sum(1) / mask.sum(1), rtol=1e-4, atol=1e-4)
+
+
+def test_a_generation_record_that_does_not_fit_falls_back_to_the_steered_forward(world, pack_files, tmp_path,
+                                                                                 monkeypatch):
+    trainer = make("grpo", world, pack_files, tmp_path, amplify_importance_cap=2.0)
+    monkeypatch.setattr(SampledLogprobs, "completion_logprobs", lambda self, ids: (None, "an unknown layout"))
+    calls = counted_forwards(trainer, monkeypatch)
+    out, base = generate_and_score(trainer, GRPOTrainer, world, monkeypatch)
+    assert len(calls) == 1  # mu's steered forward
+    rows = trainer._amplified.nonzero().flatten()
+    pi = reference_logps(trainer.model, out, rows, COMMON["temperature"])
+    mu = reference_logps(trainer.model, out, rows, COMMON["temperature"], trainer._amplify_vector, world.layer)
+    weight = torch.exp(pi - mu).clamp(max=2.0) * out["completion_mask"][rows]
+    got = trained_advantages(trainer, GRPOTrainer, out, monkeypatch)
+    torch.testing.assert_close(got[rows], base[rows, None] * weight, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("fields", [dict(steps_per_generation=2), dict(num_iterations=2)])
+def test_pi_comes_from_our_forward_where_the_training_forward_runs_other_weights(fields, world, pack_files,
+                                                                                 tmp_path, monkeypatch):
+    """When a generation is trained over several optimiser steps, TRL computes ``old_per_token_logps`` and pi is
+    read from it at scoring; nothing waits for the training forward."""
+    trainer = make("grpo", world, pack_files, tmp_path, amplify_importance_cap=2.0, **fields)
+    out, base = generate_and_score(trainer, GRPOTrainer, world, monkeypatch)
+    assert "old_per_token_logps" in out and "amplified_mu" not in out
+    rows = trainer._amplified.nonzero().flatten()
+    mu = reference_logps(trainer.model, out, rows, COMMON["temperature"], trainer._amplify_vector, world.layer)
+    weight = torch.exp(out["old_per_token_logps"][rows] - mu).clamp(max=2.0) * out["completion_mask"][rows]
+    torch.testing.assert_close(out["advantages"][rows], base[rows, None] * weight, rtol=1e-4, atol=1e-5)
+
+
+def test_sampled_logprobs_follow_fed_tokens_and_name_what_does_not_fit():
+    """The record, on forwards fed by hand: prefill in two chunks, then two decode steps (KV cache)."""
+    torch.manual_seed(0)
+    embed, head = torch.nn.Embedding(10, 4), torch.nn.Linear(4, 10)
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.head = embed, head
+
+        def get_input_embeddings(self):
+            return self.embed
+
+        def get_output_embeddings(self):
+            return self.head
+
+        def forward(self, ids):
+            return self.head(self.embed(ids).cumsum(1))
+
+    model, rows = Tiny(), torch.tensor([1])
+    prompt = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
+    completion = torch.tensor([[9, 0, 3], [2, 5, 7]])
+    with torch.no_grad(), SampledLogprobs(model, rows, prompt_width=4, num_rows=2, temperature=0.5) as record:
+        steps = [model(prompt[:, :2]), model(prompt[:, 2:])]
+        steps += [model(completion[:, t:t + 1]) for t in range(2)]  # the last token is sampled, never fed
+    assert not embed._forward_pre_hooks and not head._forward_hooks
+    got, why = record.completion_logprobs(completion)
+    assert why == ""
+    expected = [torch.log_softmax(steps[1 + t][1, -1] / 0.5, -1)[completion[1, t]] for t in range(3)]
+    torch.testing.assert_close(got, torch.stack(expected)[None])
+    assert record.completion_logprobs(completion[:, :2])[1].startswith("generation recorded 3 sampled tokens")
+    with torch.no_grad(), SampledLogprobs(model, rows, prompt_width=4, num_rows=2, temperature=1.0) as beams:
+        model(prompt.repeat(2, 1))
+    assert beams.completion_logprobs(completion) == (None, "a forward of 4 rows for 2 rollouts (beams)")
 
 
 def test_normal_baseline_scores_every_rollout_against_the_normal_rollouts_only(world, pack_files, tmp_path,

@@ -78,9 +78,23 @@ def test_generation_parity_and_hooks_removed(world):
     assert generate(world.model, world.tokenizer, prompts, **kw) == plain  # seeded
     with steer(world.model, sae, {0: 0.0, 1: 0.0}):  # a zero edit is the identity
         assert generate(world.model, world.tokenizer, prompts, **kw) == plain
-    with steer(world.model, sae, {0: alpha}, positions=slice(0, 2)):  # only the first two positions
+    with steer(world.model, sae, {0: alpha}):
         assert generate(world.model, world.tokenizer, prompts, **kw) != plain
     assert dict(layer._forward_hooks) == hooks_before  # ours are gone
+    # only the first two positions: edited there by alpha * d_0 at the layer, the rest reached through attention
+    from qscope_rl.hooks import capture_residual
+
+    one = world.tokenizer(prompts[:1], return_tensors="pt")
+    with torch.no_grad(), capture_residual(world.model, world.layer) as before:
+        logits = world.model(**one).logits
+    with torch.no_grad(), steer(world.model, sae, {0: alpha}, positions=slice(0, 2)), \
+            capture_residual(world.model, world.layer) as after:
+        steered_logits = world.model(**one).logits
+    torch.testing.assert_close(after.last[0, :2] - before.last[0, :2], alpha * sae.W_dec[:, 0].expand(2, -1),
+                               rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(after.last[0, 2:], before.last[0, 2:])
+    assert not torch.allclose(steered_logits[0, -1], logits[0, -1])
+    assert dict(layer._forward_hooks) == hooks_before
     assert generate(world.model, world.tokenizer, prompts, **kw) == plain
     with pytest.raises(ValueError, match="out of range"):
         steer(world.model, sae, {sae.d_sae: 1.0})
@@ -152,14 +166,30 @@ def test_world_suppression_and_topic_steering(world, zh_pack):
     with steer(model, sae, relative_strengths(zh_pack[0], "-medium", top=8)):
         suppressed = steering_metrics(world, prompts, generate(model, tok, texts, **kw), model, tok)
     assert suppressed["code_switch_rate_zh"] <= base["code_switch_rate_zh"]  # the zh pack: switches to zh
+    # Topic steering, by its mechanism (as ActAdd measures a steering vector): on prompts of the other topics, the
+    # next-token probability of the topic's words rises. Whether samples then read as the topic, and at what
+    # fluency cost, depends on the world and the strength (benchmarks/utilities.py measures it on the default
+    # world; on one build of this test world "strong" moved the next-token mass 0.04 -> 0.21 while the sampled
+    # topic share fell, the samples degenerating).
     topic = world.topics[0]
-    others = [p for p in world.prompts("heldout") if p.topic != topic][:16]
-    other_texts = [p.text for p in others]
-    before = steering_metrics(world, others, generate(model, tok, other_texts, **kw), model, tok, topic)
+    others = [p.text for p in world.prompts("heldout") if p.topic != topic][:16]
+    first_tokens = set()
+    for lang, words in world.topic_vocab[topic].items():
+        for word in words:
+            ids = tok(word if lang == "zh" else " " + word, add_special_tokens=False)["input_ids"]
+            first_tokens.update(ids[:1])
+    first_tokens = torch.tensor(sorted(first_tokens))
+    enc = tok(others, return_tensors="pt", padding=True)  # left padding: the last position is each prompt's
+
+    def topic_mass():
+        with torch.no_grad():
+            logits = model(**enc).logits[:, -1].float()
+        return torch.softmax(logits, -1)[:, first_tokens].sum(-1).mean().item()
+
+    before = topic_mass()
     with steer(model, sae, relative_strengths(world_topic_pack(world, sae, topic, n_texts=80), "strong", top=8)):
-        after = steering_metrics(world, others, generate(model, tok, other_texts, **kw), model, tok, topic)
-    assert after["topic_share"] > before["topic_share"]
-    assert after["perplexity"] > before["perplexity"]  # the fluency cost of strong additive steering
+        after = topic_mass()
+    assert after > before
 
 
 def test_cli_steer(world, world_cache, zh_pack, monkeypatch, tmp_path, capsys):

@@ -14,7 +14,8 @@ is configured:
   ``sae_amplified``; `sae/*` metrics are logged (`SAEMetricsMixin`);
 - `_generate_and_score_completions`: amplified rows' importance weights, and TRL's vLLM sampler correction
   kept off them (`AmplifiedImportanceMixin`);
-- `_compute_loss`: adds the SASFT / suppression term from a hook on the training forward;
+- `_compute_loss`: adds the SASFT / suppression term from a hook on the training forward (and, in
+  `AmplifiedImportanceMixin`, weighs amplified rows' advantages with the training forward's pi);
 - `_save_checkpoint` / `train` (from `SAECheckpointMixin`): the SAE's source, layer and packs are saved
   beside each checkpoint and checked on resume.
 
@@ -54,6 +55,7 @@ from .rollout_capture import (
     steering_blocker,
 )
 from .sae_metrics import SAEMetricsMixin
+from .sampled_logprobs import SampledLogprobs
 
 logger = logging.get_logger(__name__)
 
@@ -65,6 +67,7 @@ class SAETrainerMixin(AmplifiedImportanceMixin, FeatureTableMixin, SAEMetricsMix
     aux_loss = None
     sae_layer = None
     _captured = None
+    _sampled_logprobs = None  # the last HF generation's record of log mu on amplified rows
     _rollout_acts = None
     _amplified = None
     _rewards_per_func = None
@@ -178,26 +181,31 @@ class SAETrainerMixin(AmplifiedImportanceMixin, FeatureTableMixin, SAEMetricsMix
 
     @contextmanager
     def _rollout_hooks(self, prompt_ids: list[list[int]]):
-        """Around the first `_generate_single_turn` of a `_generate` call: capture the unsteered residual, and
-        steer every beam of the amplified rows. TRL's tool loop calls it again for the rows that made a tool call
-        (their completions are encoded by the forward, and amplification is refused with tools): no hooks there."""
+        """Around the first `_generate_single_turn` of a `_generate` call: capture the unsteered residual, steer
+        every beam of the amplified rows, and record the steered log-probability of what they sample (mu). TRL's
+        tool loop calls it again for the rows that made a tool call (their completions are encoded by the forward,
+        and amplification is refused with tools): no hooks there."""
         self._turns += 1
         if self._turns > 1 or self._amplified is None or len(self._amplified) != len(prompt_ids):
             yield
             return
         with ExitStack() as stack:
-            capture = None
+            capture = sampled = None
+            width = padded_width(prompt_ids, getattr(self, "pad_to_multiple_of", None))
             if self._capture_mode == "generation":
-                capture = self._generation_capture(padded_width(prompt_ids, getattr(self, "pad_to_multiple_of", None)))
+                capture = self._generation_capture(width)
                 stack.enter_context(capture_residual(self.model_wrapped, self.sae_layer, on_forward=capture))
             rows = self._amplified.nonzero().flatten()
             if len(rows):  # registered after the capture: hooks run in order, so the capture reads h, not h + alpha d
                 beams = num_beams(self)
-                rows = (rows[:, None] * beams + torch.arange(beams)).flatten()  # generate repeats each row per beam
+                steered = (rows[:, None] * beams + torch.arange(beams)).flatten()  # generate repeats rows per beam
                 stack.enter_context(add_to_residual(self.model_wrapped, self.sae_layer, self._amplify_vector,
-                                                    rows=rows))
+                                                    rows=steered))
+                if self._mu_from_generation():  # the importance weight's mu, from the logits generation computes
+                    sampled = stack.enter_context(SampledLogprobs(self.model_wrapped, rows, width, len(prompt_ids),
+                                                                  self.temperature))
             yield
-            self._captured = capture
+            self._captured, self._sampled_logprobs = capture, sampled
 
     def _generation_capture(self, prompt_width: int) -> GenerationCapture:
         """The capture of one HF generation call, in the store `generation_capture_store` names."""
@@ -333,6 +341,7 @@ class SAETrainerMixin(AmplifiedImportanceMixin, FeatureTableMixin, SAEMetricsMix
             return super()._generate(prompts)
         # Rows and the amplified-row mask belong to the whole call: the tool loop regenerates subsets of rows.
         self._amplified, self._captured, self._turns = self._amplified_rows(len(prompts)), None, 0
+        self._sampled_logprobs = None
         output = super()._generate(prompts)
         tool_mask = output[2] if len(output) == 8 else None  # GRPO: (prompt_ids, completion_ids, tool_mask, ...)
         self._rollout_acts = self._encode_rollouts(output[0], output[1], tool_mask)
