@@ -146,6 +146,14 @@ def test_vllm_sampler_correction_leaves_amplified_rows_to_ours(world, pack_files
 
 
 
+def counted_forwards(trainer, monkeypatch):
+    """The calls to the trainer's log-probability forward from here on (a list that grows)."""
+    calls, forward = [], trainer._get_per_token_logps_and_entropies
+    monkeypatch.setattr(trainer, "_get_per_token_logps_and_entropies",
+                        lambda *a, **k: calls.append(1) or forward(*a, **k))
+    return calls
+
+
 def replay(trainer, monkeypatch, out, base, **logps):
     """The trainer's correction run again on its recorded output ``out`` (``base``: the parent's advantages), with
     TRL's per-token log-probabilities added as TRL 1.16 returns them: ``old_per_token_logps`` (the training policy,
@@ -155,9 +163,7 @@ def replay(trainer, monkeypatch, out, base, **logps):
     recorded.update(advantages=base.clone(), **logps)
     monkeypatch.setattr(GRPOTrainer, "_generate_and_score_completions",
                         lambda self, inputs: {k: v.clone() if torch.is_tensor(v) else v for k, v in recorded.items()})
-    calls, forward = [], trainer._get_per_token_logps_and_entropies
-    monkeypatch.setattr(trainer, "_get_per_token_logps_and_entropies",
-                        lambda *a, **k: calls.append(1) or forward(*a, **k))
+    calls = counted_forwards(trainer, monkeypatch)
     return trainer._generate_and_score_completions([]), calls
 
 
@@ -199,13 +205,6 @@ def test_trl_policy_log_probabilities_replace_our_unsteered_forward(world, pack_
                          trainer._amplify_vector, world.layer)
     weight = torch.exp(pi[rows] - mu).clamp(max=2.0) * first["completion_mask"][rows].float()
     torch.testing.assert_close(out["advantages"][rows], base[rows, None] * weight, rtol=1e-4, atol=1e-5)
-
-
-def counted_forwards(trainer, monkeypatch):
-    calls, forward = [], trainer._get_per_token_logps_and_entropies
-    monkeypatch.setattr(trainer, "_get_per_token_logps_and_entropies",
-                        lambda *a, **k: calls.append(1) or forward(*a, **k))
-    return calls
 
 
 # forwards while scoring: TRL's own (RLOO: the policy's, summed into old_logps, and the reference's), + 1 where mu

@@ -136,10 +136,24 @@ class AmplifiedImportanceMixin:
         if batch is not None:  # the training forward of `_compute_loss`: pi, then weigh the advantages
             pi = (out[0] if isinstance(out, tuple) else out).detach()
             rows = batch["amplified"].nonzero().flatten()
-            weight = torch.exp(pi[rows] - batch["amplified_mu"][rows]).clamp(max=self.args.amplify_importance_cap)
-            weight = torch.nan_to_num(weight * batch["completion_mask"][rows], nan=0.0)
+            weight = self._truncated_weight(pi[rows], batch["amplified_mu"][rows], batch["completion_mask"][rows])
             batch["advantages"] = self._weigh_advantages(batch, rows, weight)
         return out
+
+    def _truncated_weight(self, pi: Tensor, mu: Tensor, mask: Tensor) -> Tensor:
+        """min(pi / mu, cap) on the ``mask``ed tokens, 0 elsewhere. NaN where vLLM could not score a token: no mu
+        there, and weight 1 would be the unbounded push-down."""
+        weight = torch.exp(pi - mu).clamp(max=self.args.amplify_importance_cap) * mask
+        return torch.nan_to_num(weight, nan=0.0)
+
+    def _row_logps(self, output: dict, probe: Tensor) -> Tensor:
+        """The policy's per-token log-probabilities of the completions of rows ``probe`` (one forward; steered when
+        called inside a steering hook)."""
+        input_ids = torch.cat([output["prompt_ids"][probe], output["completion_ids"][probe]], dim=1)
+        attention = torch.cat([output["prompt_mask"][probe], output["completion_mask"][probe]], dim=1)
+        out = self._get_per_token_logps_and_entropies(self.model, input_ids, attention,
+                                                      output["completion_ids"].size(1))
+        return out[0] if isinstance(out, tuple) else out
 
     @torch.no_grad()
     def _amplified_token_weights(self, output: dict) -> Tensor:
@@ -153,26 +167,15 @@ class AmplifiedImportanceMixin:
         (set to 1 there) no longer does. Under HF generation mu is log_softmax(logits / T) of the sampled token
         from the steered logits generation computed; with beam search, or a record that does not fit (logged),
         a steered forward computes it."""
-        prompt_ids, completion_ids = output["prompt_ids"], output["completion_ids"]
-        mask = output["completion_mask"]
-        rows = self._amplified.nonzero().flatten().to(prompt_ids.device)
+        rows = self._amplified.nonzero().flatten().to(output["prompt_ids"].device)
         # a process with no amplified row still runs the forwards (on row 0, its weight unused): see the caller
-        probe = rows if len(rows) else torch.zeros(1, dtype=torch.long, device=prompt_ids.device)
-        input_ids = torch.cat([prompt_ids[probe], completion_ids[probe]], dim=1)
-        attention = torch.cat([output["prompt_mask"][probe], mask[probe]], dim=1)
-
-        def logps():
-            out = self._get_per_token_logps_and_entropies(self.model, input_ids, attention, completion_ids.size(1))
-            return out[0] if isinstance(out, tuple) else out
-
+        probe = rows if len(rows) else torch.zeros(1, dtype=torch.long, device=rows.device)
         # Whether a forward runs is decided the same on every process (by the config, which keys TRL returns, and
         # one gathered flag): the forwards are collectives under ZeRO-3.
         old = output.get("old_per_token_logps")
-        pi = old[probe] if old is not None else logps()
+        pi = old[probe] if old is not None else self._row_logps(output, probe)
         mu = self._amplified_mu(output, rows)
-        weight = torch.exp(pi - mu).clamp(max=self.args.amplify_importance_cap) * mask[probe]
-        # NaN where vLLM could not score a token: no mu there, and weight 1 would be the unbounded push-down
-        return torch.nan_to_num(weight, nan=0.0)[: len(rows)]
+        return self._truncated_weight(pi, mu, output["completion_mask"][probe])[: len(rows)]
 
     @torch.no_grad()
     def _amplified_mu(self, output: dict, rows: Tensor) -> Tensor:
@@ -185,12 +188,8 @@ class AmplifiedImportanceMixin:
         mu = self._generation_mu(output, probe, rows)
         if mu is not None:
             return mu
-        input_ids = torch.cat([output["prompt_ids"][probe], output["completion_ids"][probe]], dim=1)
-        attention = torch.cat([output["prompt_mask"][probe], output["completion_mask"][probe]], dim=1)
         with add_to_residual(self.model, self.sae_layer, self._amplify_vector):  # as generated: every position
-            out = self._get_per_token_logps_and_entropies(self.model, input_ids, attention,
-                                                          output["completion_ids"].size(1))
-        return out[0] if isinstance(out, tuple) else out
+            return self._row_logps(output, probe)
 
     def _mu_from_generation(self) -> bool:
         """Whether HF generation records mu (`SampledLogprobs`): with an importance cap and one sample per row

@@ -34,6 +34,14 @@ def padded_width(prompt_ids: list[list[int]], multiple: int | None) -> int:
     return math.ceil(width / multiple) * multiple if multiple else width
 
 
+def recomputes_sequence(length: int, covered: int, prompt_width: int) -> bool:
+    """Whether a forward of ``length`` positions, after ``covered`` positions fed so far, is ``use_cache=False``
+    recomputing the whole sequence (one position longer than everything seen, after the whole prompt): then only
+    its last position is new. Any other forward appends its positions (the prompt in one or more pieces, then one
+    token per decode step)."""
+    return length > 1 and covered >= prompt_width and length == covered + 1
+
+
 class GenerationCapture:
     """The ``on_forward`` callback of a `ResidualCapture` during ``generate``: follows the positions fed to the
     model so far, in whatever pieces the generation settings feed them, and keeps them in one of two stores.
@@ -65,7 +73,7 @@ class GenerationCapture:
     def __call__(self, hidden: Tensor) -> None:
         length = hidden.shape[1]
         self.rows.add(hidden.shape[0])
-        recompute = length > 1 and self.covered >= self.prompt_width and length == self.covered + 1
+        recompute = recomputes_sequence(length, self.covered, self.prompt_width)
         if self.sparse is not None:
             if len(self.rows) == 1:  # rows changed (beams): the capture no longer fits; `_why_not` says so
                 self.sparse.feed(hidden[:, -1:] if recompute else hidden)

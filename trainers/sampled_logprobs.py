@@ -7,10 +7,10 @@ the logits), keeps one (rows, V) log-softmax from the previous forward, and gath
 forward feeds; the last sampled token, never fed, is gathered at the end from the completion ids. Memory: one
 (rows, V) slice, not (rows, T, V).
 
-Positions are followed as `GenerationCapture` follows them (KV cache, chunked prefill, ``use_cache=False``), so a
-prefill chunk's prediction of the next prompt token is dropped. The log-probabilities are log_softmax(logits / T)
-at the sampling temperature, what TRL's own per-token log-probabilities and a steered re-forward give; top-p,
-top-k and other logits processors are not applied, as TRL does not apply them either.
+Positions are followed by the rule `GenerationCapture` uses (`recomputes_sequence`: KV cache, chunked prefill,
+``use_cache=False``), so a prefill chunk's prediction of the next prompt token is dropped. The log-probabilities
+are log_softmax(logits / T) at the sampling temperature, what TRL's own per-token log-probabilities and a steered
+re-forward give; top-p, top-k and other logits processors are not applied, as TRL does not apply them either.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ import torch
 from torch import Tensor, nn
 
 from qscope_rl.hooks import unwrap_model
+
+from .rollout_capture import recomputes_sequence
 
 
 class SampledLogprobs:
@@ -60,7 +62,7 @@ class SampledLogprobs:
             self.problem = self.problem or f"a forward of {ids.shape[0]} rows for {self.num_rows} rollouts (beams)"
             return
         length = ids.shape[1]
-        recompute = length > 1 and self.covered >= self.prompt_width and length == self.covered + 1
+        recompute = recomputes_sequence(length, self.covered, self.prompt_width)
         first_new, column = (length - 1, ids[:, -1]) if recompute else (self.covered, ids[:, 0])
         if self.pending is not None and first_new >= self.prompt_width:
             if first_new - self.prompt_width != len(self.columns):
