@@ -19,8 +19,8 @@ and a switch a script cannot see (English -> Spanish) beside one it can (English
 5. measure every policy on the same held-out prompts; `demo_report` writes the report with 95% bootstrap
    intervals over prompts and seeds (`demo_stats`).
 
-The ground-truth judges ride along as weight-0 rewards, so TRL logs the judged rates of each step's
-rollouts: the curves of the report's plots and its sample-efficiency table.
+The ground-truth judges ride along as weight-0 rewards, so TRL logs the judged rates of each step's rollouts (the
+report's curves). Each run is a worker process: pinned kernels, one thread, `qscope_rl.world.sampling`'s sampler.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ from transformers import PrinterCallback
 from qscope_rl.world import World, load_world
 from qscope_rl.world.kernels import portable_env
 from qscope_rl.world.packs import world_pack_files
+from qscope_rl.world.sampling import install_cpu_sampler
 
 from .amplify import amplified_loop_rate, choose_amplification
 from .calibration import SWITCH_TARGETS, sae_penalty_calibration
@@ -237,6 +238,7 @@ def _single_thread_worker() -> None:
     # The model is tiny: a step is bound by Python and dispatch, not by matmuls, so two single-threaded
     # runs side by side finish sooner than two runs one after another with two threads each.
     torch.set_num_threads(1)
+    install_cpu_sampler()  # torch's CPU sampler draws a variate per vocab entry: 40% of measuring a policy
     transformers.logging.set_verbosity_error()
 
 
