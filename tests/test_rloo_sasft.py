@@ -2,11 +2,13 @@
 gradient accumulation as their parents scale the loss, and SASFT lowers the target pre-activations."""
 
 import copy
+import functools
 
 import pytest
 import torch
+import trl
 from datasets import Dataset
-from trl import RLOOTrainer
+from trl import RLOOTrainer, SFTConfig
 
 from qscope_rl import load_sae
 from qscope_rl.features.aux_loss import FeatureAuxLoss
@@ -142,3 +144,24 @@ def test_sasft_refuses_bad_config(world, pack_files, tmp_path):
                     sasft_alpha="mean")
     with pytest.raises(ValueError, match="layer 7 does not exist"):
         sasft_trainer(world, tmp_path, "bad", pack_files, sae_layer=7)
+
+
+def test_sasft_is_a_drop_in_sft_trainer(world, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    train = Dataset.from_dict({"text": english_docs(world, 8)})
+    # the parent's own config (a peer's test suite, a script written for TRL): it runs as SFTTrainer, no SAE
+    plain = SFTConfig(output_dir=str(tmp_path / "plain"), per_device_train_batch_size=4, max_steps=1, max_length=64,
+                      **COMMON)
+    before = plain.to_dict()
+    trainer = SASFTTrainer(model=copy.deepcopy(world.model), args=plain, train_dataset=train,
+                           processing_class=world.tokenizer)
+    assert isinstance(trainer.args, SASFTConfig) and trainer.aux_loss is None and trainer.args.sae_source is None
+    assert plain.to_dict() == before and type(plain) is SFTConfig
+    trainer.train()
+    assert trainer.state.global_step == 1
+    # no args: the default config, named as SFTTrainer names its own
+    monkeypatch.setattr(SASFTConfig, "__init__", functools.partialmethod(SASFTConfig.__init__, **COMMON))
+    trainer = SASFTTrainer(model=copy.deepcopy(world.model), train_dataset=train, processing_class=world.tokenizer)
+    assert isinstance(trainer.args, SASFTConfig) and trainer.args.output_dir.endswith("-SFT")
+    with pytest.raises(TypeError, match="SASFTTrainer needs a SASFTConfig .* or a SFTConfig, got GRPOConfig"):
+        SASFTTrainer(model=world.model, args=trl.GRPOConfig(str(tmp_path / "g"), **COMMON), train_dataset=train)

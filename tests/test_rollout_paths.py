@@ -10,7 +10,7 @@ import torch
 from datasets import Dataset
 from tiny_models import tiny_model
 from torch.testing import assert_close
-from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
+from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer, SFTConfig
 
 import qscope_rl.trainers
 from qscope_rl import add_to_residual, capture_residual, load_sae
@@ -105,8 +105,8 @@ def test_vlm_policy_with_forward_capture_is_refused():
 
 @pytest.mark.parametrize("ours, parent, plain_config", [(SAEGRPOTrainer, GRPOTrainer, GRPOConfig),
                                                         (SAERLOOTrainer, RLOOTrainer, RLOOConfig)])
-def test_drop_in_without_args_and_a_plain_config_refused_before_set_up(world, tmp_path, monkeypatch, ours, parent,
-                                                                       plain_config):
+def test_drop_in_without_args_and_with_the_parents_plain_config(world, tmp_path, monkeypatch, ours, parent,
+                                                                 plain_config):
     monkeypatch.chdir(tmp_path)
     name = parent.__name__.removesuffix("Trainer")
     config_class = getattr(qscope_rl.trainers, f"SAE{name}Config")
@@ -117,11 +117,23 @@ def test_drop_in_without_args_and_a_plain_config_refused_before_set_up(world, tm
                    processing_class=world.tokenizer)
     assert type(trainer.args).__name__ == f"SAE{name}Config" and trainer.sae is None
     assert trainer.args.output_dir.endswith(f"-{name}")  # named after the model, as the parent names it
+    # the parent's own config (a peer's test suite, a script written for TRL): it runs as the parent, no SAE
+    plain = plain_config(str(tmp_path / "plain"), per_device_train_batch_size=4, num_generations=4,
+                         max_completion_length=8, max_steps=1, bf16=False, use_cpu=True, report_to="none",
+                         learning_rate=1e-5, seed=3)
+    before = plain.to_dict()
+    trainer = ours(model=copy.deepcopy(world.model), reward_funcs=zero_reward, args=plain,
+                   train_dataset=prompts(world), processing_class=world.tokenizer)
+    assert isinstance(trainer.args, config_class) and trainer.sae is None and trainer.args.sae_source is None
+    assert plain.to_dict() == before and type(plain) is plain_config  # the caller's object is not touched
+    for key, value in before.items():  # every TRL field as the caller set it (and as TRL's set-up derived it)
+        assert trainer.args.to_dict()[key] == value or key in {"output_dir", "logging_dir"}, key
+    trainer.train()
+    assert trainer.state.global_step == 1
     started = []
     monkeypatch.setattr(parent, "__init__", lambda self, *a, **k: started.append(1))
-    with pytest.raises(TypeError, match=f"needs an SAE{name}Config .* got {plain_config.__name__}"):
-        plain = plain_config(str(tmp_path / "plain"), bf16=False, use_cpu=True)
-        ours(model=world.model, reward_funcs=zero_reward, args=plain)
+    with pytest.raises(TypeError, match=f"needs an SAE{name}Config .* or a {plain_config.__name__}, got SFTConfig"):
+        ours(model=world.model, reward_funcs=zero_reward, args=SFTConfig(str(tmp_path / "sft"), use_cpu=True))
     assert not started  # refused before the parent's whole set-up
 
 

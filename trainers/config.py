@@ -6,8 +6,10 @@ so every TRL field still works and can be overridden from the command line.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import copy
+from dataclasses import MISSING, dataclass, field, fields
 
+from transformers import TrainingArguments
 from trl import GRPOConfig, RLOOConfig, SFTConfig
 
 CAPTURE_MODES = ("auto", "generation", "forward")
@@ -204,20 +206,32 @@ class SAERLOOConfig(RLOOConfig, SAEArguments):
         super().__post_init__()
 
 
-def sae_trainer_config(config_class: type, args, model, trainer_name: str):
+def sae_trainer_config(config_class: type, args, model, trainer_name: str, trainer: str | None = None):
     """The config an SAE RL trainer runs with, checked before its TRL parent sets anything up: ``args`` itself when it
     is a ``config_class``; ``None`` builds its default, named after the model as TRL names its own
-    (``"<model>-GRPO"``); anything else (a plain `trl.GRPOConfig`, which has no SAE fields) is refused."""
+    (``"<model>-GRPO"``); the parent's plain config (a `trl.GRPOConfig` of a script or test written for TRL) runs as
+    the parent: a copy with the SAE fields at their defaults, so no SAE (the caller's object is not changed);
+    anything else is refused."""
     if args is None:
         from trl.trainer.utils import get_config_model_id
 
         name = model if isinstance(model, str) else get_config_model_id(model.config)
         return config_class(output_dir=f"{name.split('/')[-1]}-{trainer_name}")
-    if not isinstance(args, config_class):
-        raise TypeError(f"SAE{trainer_name}Trainer needs an {config_class.__name__} (TRL's own config plus the SAE "
-                        f"fields), got {type(args).__name__}: build {config_class.__name__}(...) with the same "
-                        f"arguments")
-    return args
+    if isinstance(args, config_class):
+        return args
+    parent = next(base for base in config_class.__mro__[1:] if issubclass(base, TrainingArguments))
+    if isinstance(args, parent):
+        adopted = copy.copy(args)  # TRL's set-up writes to its args: not to the caller's
+        adopted.__class__ = config_class
+        own = {f.name for f in fields(type(args))}
+        for f in fields(config_class):
+            if f.name not in own:
+                setattr(adopted, f.name, f.default_factory() if f.default is MISSING else f.default)
+        return adopted
+    trainer = trainer or f"SAE{trainer_name}Trainer"
+    article = "an" if config_class.__name__.startswith("SAE") else "a"
+    raise TypeError(f"{trainer} needs {article} {config_class.__name__} (TRL's own config plus the SAE fields) or a "
+                    f"{parent.__name__}, got {type(args).__name__}")
 
 
 SASFT_ALPHAS = ("pack", "zero")

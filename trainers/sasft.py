@@ -32,7 +32,7 @@ from qscope_rl.hooks import capture_residual, decoder_layer, hidden_size
 from qscope_rl.sae.loaders import load_sae
 
 from .checkpoint import SAECheckpointMixin
-from .config import SASFTConfig
+from .config import SASFTConfig, sae_trainer_config
 
 
 class SASFTTrainer(SAECheckpointMixin, SFTTrainer):
@@ -42,10 +42,10 @@ class SASFTTrainer(SAECheckpointMixin, SFTTrainer):
     sae_layer = None
     aux_loss = None
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        if not isinstance(self.args, SASFTConfig):
-            raise TypeError(f"SASFTTrainer needs a SASFTConfig, got {type(self.args).__name__}")
+    def __init__(self, model=None, args=None, *rest, **kwargs):
+        # a plain SFTConfig runs as SFTTrainer; None gets SFTTrainer's default, as an SASFTConfig
+        args = sae_trainer_config(SASFTConfig, args, model, "SFT", "SASFTTrainer")
+        super().__init__(model, args, *rest, **kwargs)
         self._init_sae()
 
     def _init_sae(self) -> None:
