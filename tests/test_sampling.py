@@ -92,3 +92,19 @@ def test_the_demo_workers_sample_with_it():
             "from qscope_rl.world import sampling; _single_thread_worker(); "
             "assert torch.multinomial is sampling._multinomial")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_a_world_builds_with_torchs_sampler_even_in_a_demo_worker(tmp_path, monkeypatch):
+    from qscope_rl.world import build
+
+    seen = []
+
+    def first_stage(recipe, out):  # stands in for the build's stages: which sampler would they sample with?
+        seen.append(torch.multinomial is sampling._torch_multinomial)
+        raise KeyboardInterrupt  # stop there, as a Ctrl-C would: nothing is left behind
+
+    monkeypatch.setattr(build, "_build_into", first_stage)
+    with cpu_sampling(), pytest.raises(KeyboardInterrupt):
+        build._build_here(build.WorldRecipe.for_size("test"), tmp_path / "world", force=False)
+    assert seen == [True] and not any(tmp_path.iterdir())
+    assert torch.multinomial is sampling._torch_multinomial  # and the sampler before the block is back after it

@@ -66,6 +66,7 @@ from .sae_training import (
     to_qwen_scope,
     train_sae,
 )
+from .sampling import torch_sampling
 from .task import make_prompts
 from .tokenizer import train_tokenizer
 from .world import World
@@ -212,7 +213,7 @@ def _build_here(recipe: WorldRecipe, final: Path, force: bool) -> None:
     tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        with deterministic_torch(recipe.threads):
+        with deterministic_torch(recipe.threads), torch_sampling():  # the world's samples: torch's sampler
             stats = _build_into(recipe, tmp)
         (tmp / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
     except BaseException:  # Ctrl-C or a failure: leave nothing half-built behind (SIGKILL: the next build cleans)

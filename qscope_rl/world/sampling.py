@@ -6,7 +6,8 @@ exponential variate per vocabulary entry for that (it takes argmax(p / q), q ~ E
 GRPO step there. Inverse-CDF sampling gives the same distribution with one uniform per row: cumulative sums in
 float64, then the first token whose cumulative probability exceeds u * total (a zero-probability token never
 is). The draws differ from torch's, so every sample downstream differs too: the demo runs with it
-(`install_cpu_sampler` in its worker processes), nothing else does unless asked (`cpu_sampling()`).
+(`install_cpu_sampler` in its worker processes), nothing else does unless asked (`cpu_sampling()`), and world
+builds always sample with torch's (`torch_sampling()`), so a world is the same whichever process builds it.
 """
 
 from __future__ import annotations
@@ -53,11 +54,21 @@ def install_cpu_sampler() -> None:
 
 
 @contextmanager
-def cpu_sampling():
-    """``install_cpu_sampler`` for the duration of a ``with`` block; torch's own sampler is back on every exit."""
+def _sampler(fn):
     previous = torch.multinomial
-    torch.multinomial = _multinomial
+    torch.multinomial = fn
     try:
         yield
     finally:
         torch.multinomial = previous
+
+
+def cpu_sampling():
+    """``install_cpu_sampler`` for the duration of a ``with`` block; the sampler before it is back on every exit."""
+    return _sampler(_multinomial)
+
+
+def torch_sampling():
+    """torch's own sampler for the duration of a ``with`` block, whatever is installed: a world build samples with
+    it, so a world's recorded samples never depend on the process that built it (a demo worker builds in place)."""
+    return _sampler(_torch_multinomial)
