@@ -13,8 +13,12 @@ sampler (the same in both arms) out of the ratio. Beside each ratio: the FLOP ce
 mode's SAE work) per token (add: a vector add; clamp and conditional: an encode, 2 d d_sae, and the decoded
 edit, 2 d f; pre_clamp: 2 x 2 d f), which is what the ratio approaches where matmuls dominate.
 
+``--world-dir DIR`` runs the same on a built demo world instead (its model and SAE, the top 8 features of its
+"zh" pack, 128 held-out English prompts x 48 new tokens, as `benchmarks/utilities.py` measures throughput there):
+the FLOP ceiling it prints is the demo world's.
+
     python benchmarks/steer_throughput.py [--model auto|0.6b|1.7b] [--layers N] [--rollouts 8]
-        [--prompt-tokens 16] [--new-tokens 32] [--pairs 2] [--modes add,clamp,conditional,pre_clamp]
+        [--prompt-tokens 16] [--new-tokens 32] [--pairs 2] [--modes add,clamp,conditional,pre_clamp] [--world-dir DIR]
 
 The last line is one JSON object: `steer_real_throughput_ratio_<mode>` for each mode, `flop_ceiling_<mode>`, the
 shape, device and load average.
@@ -31,27 +35,27 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from real_shape import COMMON, QWEN3, qwen3_config  # noqa: E402
+from real_shape import QWEN3, qwen3_config  # noqa: E402
 
 LAYER, D_SAE, K, FEATURES = 14, 32768, 50, 8
 STRENGTHS = {"add": -4.0, "clamp": 0.0, "conditional": 0.0, "pre_clamp": 0.0}  # suppression, as in the utilities
 
 
-def model_flops_per_token(name: str, layers: int | None = None) -> int:
+def model_flops_per_token(config) -> int:
     """2 x (decoder linear weights + LM head) of one token's forward (attention scores left out: short contexts)."""
-    cfg = {**COMMON, **QWEN3[name], **({"num_hidden_layers": layers} if layers else {})}
-    d, ff, n, heads, kv, hd = (cfg[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
-                                                 "num_attention_heads", "num_key_value_heads", "head_dim"))
-    per_layer = d * heads * hd * 2 + d * kv * hd * 2 + 3 * d * ff
-    return 2 * (n * per_layer + d * cfg["vocab_size"])
+    d, ff, n, heads, kv = (getattr(config, k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                                         "num_attention_heads", "num_key_value_heads"))
+    hd = getattr(config, "head_dim", None) or d // heads
+    per_layer = d * heads * hd * 2 + d * kv * hd * 2 + 3 * d * ff  # q, o; k, v; gate, up, down
+    return 2 * (n * per_layer + d * config.vocab_size)
 
 
-def flop_ceiling(mode: str, name: str, layers: int | None = None, features: int = FEATURES) -> float:
+def flop_ceiling(mode: str, config, d_sae: int, features: int = FEATURES) -> float:
     """model / (model + the mode's SAE work) per token: the throughput ratio where matmuls dominate."""
-    d = QWEN3[name]["hidden_size"]
-    extra = {"add": d, "clamp": 2 * d * D_SAE + 2 * d * features, "conditional": 2 * d * D_SAE + 2 * d * features,
+    d = config.hidden_size
+    extra = {"add": d, "clamp": 2 * d * d_sae + 2 * d * features, "conditional": 2 * d * d_sae + 2 * d * features,
              "pre_clamp": 4 * d * features}[mode]
-    model = model_flops_per_token(name, layers)
+    model = model_flops_per_token(config)
     return model / (model + extra)
 
 
@@ -82,11 +86,20 @@ def main(argv=None) -> dict:
     parser.add_argument("--new-tokens", type=int, default=None, help="CPU 32, GPU 128")
     parser.add_argument("--pairs", type=int, default=2, help="ABBA pairs per mode")
     parser.add_argument("--modes", default="add,clamp,conditional,pre_clamp")
+    parser.add_argument("--world-dir", default=None,
+                        help="a built demo world's folder: its model, its SAE and its 'zh' pack's top features "
+                             "instead of a random Qwen3 (rows default 128, new tokens 48, as benchmarks/utilities.py)")
     args = parser.parse_args(argv)
     cuda = torch.cuda.is_available()
     name = args.model if args.model != "auto" else ("1.7b" if cuda else "0.6b")
-    rollouts = args.rollouts or (64 if cuda else 8)
-    new_tokens = args.new_tokens or (128 if cuda else 32)
+    world = None
+    if args.world_dir is not None:
+        from qscope_rl.world import World
+        from qscope_rl.world.packs import world_pack_files
+
+        world = World(args.world_dir)
+    rollouts = args.rollouts or (128 if world else 64 if cuda else 8)
+    new_tokens = args.new_tokens or (48 if world else 128 if cuda else 32)
     modes = [m for m in args.modes.split(",") if m]
     unknown = [m for m in modes if m not in STRENGTHS]
     if unknown or not modes:
@@ -95,16 +108,29 @@ def main(argv=None) -> dict:
         parser.error("--pairs, --rollouts, --new-tokens and --prompt-tokens must be >= 1")
 
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
-    config = qwen3_config(name, args.layers)
-    layer = min(LAYER, config.num_hidden_layers - 1)
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = Qwen3ForCausalLM(config).to(dtype).eval()
-    sae = random_sae(config.hidden_size, layer, device, dtype)
-    ids = torch.randperm(D_SAE, generator=torch.Generator().manual_seed(1))[:FEATURES].tolist()
-    prompts = torch.randint(1, 150000, (rollouts, args.prompt_tokens), generator=torch.Generator().manual_seed(2))
-    prompts = prompts.to(device)
-    mask = torch.ones_like(prompts)
+    if world is not None:
+        from qscope_rl import load_sae
+        from qscope_rl.features.feature_pack import FeaturePack
+
+        model, config, layer = world.model.to(device).eval(), world.model.config, world.layer
+        sae = load_sae(world.sae_dir, layer=layer, device=device)
+        ids = FeaturePack.load(world_pack_files(world)["zh"]).ids[:FEATURES].tolist()
+        tok = world.tokenizer
+        tok.padding_side = "left"  # generate continues each row from its last prompt token
+        enc = tok([p.text for p in world.prompts("heldout", "en")[:rollouts]], return_tensors="pt", padding=True)
+        prompts, mask, pad = enc["input_ids"], enc["attention_mask"], tok.pad_token_id
+        name = "the demo world"
+    else:
+        config = qwen3_config(name, args.layers)
+        layer = min(LAYER, config.num_hidden_layers - 1)
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = Qwen3ForCausalLM(config).to(dtype).eval()
+        sae = random_sae(config.hidden_size, layer, device, dtype)
+        ids = torch.randperm(D_SAE, generator=torch.Generator().manual_seed(1))[:FEATURES].tolist()
+        prompts = torch.randint(1, 150000, (rollouts, args.prompt_tokens), generator=torch.Generator().manual_seed(2))
+        mask, pad, name = torch.ones_like(prompts), 0, f"Qwen3-{name} config"
+    prompts, mask = prompts.to(device), mask.to(device)
 
     def generate() -> float:
         if cuda:
@@ -112,7 +138,7 @@ def main(argv=None) -> dict:
         t0 = time.perf_counter()
         with torch.no_grad():
             model.generate(prompts, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                           do_sample=False, pad_token_id=0)
+                           do_sample=False, pad_token_id=pad)
         if cuda:
             torch.cuda.synchronize()
         return time.perf_counter() - t0
@@ -123,10 +149,11 @@ def main(argv=None) -> dict:
         with steer(model, sae, {i: STRENGTHS[mode] for i in ids}, mode=mode):
             return generate()
 
-    print(f"steered generation: Qwen3-{name} config ({config.num_hidden_layers} layers, hidden {config.hidden_size}, "
-          f"vocab {config.vocab_size}, random weights, {str(dtype).removeprefix('torch.')}) on {device}; SAE "
-          f"{config.hidden_size} x {D_SAE} k {K} at layer {layer}, {FEATURES} features; {rollouts} rows x "
-          f"({args.prompt_tokens} + {new_tokens}) tokens, greedy; {args.pairs} ABBA pairs per mode", flush=True)
+    rollouts = len(prompts)
+    print(f"steered generation: {name} ({config.num_hidden_layers} layers, hidden {config.hidden_size}, "
+          f"vocab {config.vocab_size}, {str(dtype).removeprefix('torch.')}) on {device}; SAE "
+          f"{sae.d_in} x {sae.d_sae} k {sae.k} at layer {layer}, {len(ids)} features; {rollouts} rows x "
+          f"({prompts.shape[1]} + {new_tokens}) tokens, greedy; {args.pairs} ABBA pairs per mode", flush=True)
     t_start = time.perf_counter()
     warm = generate()
     print(f"warm-up call: {warm:.2f} s", flush=True)
@@ -139,14 +166,14 @@ def main(argv=None) -> dict:
             times = {m: timed(m) for m in order}
             pairs.append((times[None], times[mode]))
         ratio = statistics.median(off / on for off, on in pairs)
-        ceiling = flop_ceiling(mode, name, args.layers)
+        ceiling = flop_ceiling(mode, config, sae.d_sae, len(ids))
         result[f"steer_real_throughput_ratio_{mode}"] = round(ratio, 4)
         result[f"flop_ceiling_{mode}"] = round(ceiling, 4)
         shown = ", ".join(f"off {off:.2f} / on {on:.2f} s" for off, on in pairs)
         print(f"{mode:>11}: steered / unsteered throughput {ratio:.3f} (FLOP ceiling {ceiling:.3f}; {shown})",
               flush=True)
-    result |= {"model": f"Qwen3-{name}", "layers": config.num_hidden_layers, "rollouts": rollouts,
-               "prompt_tokens": args.prompt_tokens, "new_tokens": new_tokens, "pairs": args.pairs, "device": device,
+    result |= {"model": name, "layers": config.num_hidden_layers, "rollouts": rollouts,
+               "prompt_tokens": prompts.shape[1], "new_tokens": new_tokens, "pairs": args.pairs, "device": device,
                "dtype": str(dtype).removeprefix("torch."), "seconds": round(time.perf_counter() - t_start, 1),
                "load_average": [round(x, 2) for x in os.getloadavg()]}
     print("goal: steered / unsteered >= 0.95 (issue 17)")
