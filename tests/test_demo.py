@@ -84,6 +84,11 @@ def test_analyse_and_checks_against_the_targets():
     assert report["arms"]["a"]["loop_rate"]["ci"][0] < 0.04 < report["arms"]["a"]["loop_rate"]["ci"][1]
     text = markdown(report)
     assert "**NO**" not in text and "| (d) + SAE penalty + SASFT auxiliary loss |" in text and "SASFT / SFT" in text
+    assert "built with CPU kernels not recorded" in text  # the fake world has no stats: said, not guessed
+    raw = fake_raw(good, untrained, sft)
+    raw["world"] |= {"recipe_hash": "abc123", "cpu_kernels": "aten AVX2, mkl_cbwr AUTO (AVX2 asked, refused by MKL)"}
+    assert "World recipe hash abc123, built with CPU kernels aten AVX2, mkl_cbwr AUTO (AVX2 asked" in markdown(
+        analyse(raw))
 
     # the regime fails when task-only training removes a failure; the rest fail on their own terms
     bad = {**good, "a": {**good["a"], "loop_rate": 0.01}, "d": {"code_switch_rate": 0.06, "task_reward": 0.4},

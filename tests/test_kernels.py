@@ -2,12 +2,13 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 
-from qscope_rl.world.kernels import PORTABLE_KERNELS, kernels_in_use, portable_env
+from qscope_rl.world.kernels import PORTABLE_KERNELS, kernels_in_use, mkl_branch, portable_env
 
 AVX2 = "avx2" in open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else False
 UNPINNED = {k: v for k, v in os.environ.items() if k not in PORTABLE_KERNELS}
@@ -36,7 +37,8 @@ print(json.dumps({"before": before, "pin_after_compute": pin_kernels() if before
                   "child": run_pinned(kernels_in_use)}))
 """
     got = run(code, UNPINNED)
-    assert got["child"].startswith("aten AVX2, mkl_cbwr AVX2")
+    assert got["child"].startswith("aten AVX2, mkl_cbwr ")
+    assert got["child"].split(", ")[1] == kernels_in_use().split(", ")[1]  # MKL's branch: as in this pinned process
     if got["before"] != "AVX2":  # an AVX-512 machine: setting the variables after computing changes nothing
         assert got["pin_after_compute"] is False
 
@@ -56,7 +58,41 @@ print(json.dumps({"pinned": pinned, "hash": hashlib.sha256((a @ b).numpy().tobyt
     assert first == second and first["pinned"] is True
 
 
+def mkl_verbose_branch(mkl_cbwr: str) -> tuple[str, str | None, str]:
+    """(the CNR branch MKL_VERBOSE prints for a matmul, mkl_branch(), kernels_in_use()) in a process started with
+    MKL_CBWR=mkl_cbwr: MKL's own log is the reference, independent of how mkl_branch() reads it."""
+    code = """
+import json, torch
+from qscope_rl.world.kernels import kernels_in_use, mkl_branch
+torch.ones(8, 8) @ torch.ones(8, 8)
+print(json.dumps({"branch": mkl_branch(), "kernels": kernels_in_use()}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], env={**UNPINNED, "MKL_CBWR": mkl_cbwr, "MKL_VERBOSE": "1"},
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    logged = re.findall(r"CNR:([A-Z0-9_]+)", out.stdout)
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    return (logged[0] if logged else None), got["branch"], got["kernels"]
+
+
+@pytest.mark.skipif(mkl_branch() is None, reason="this torch has no readable MKL")
+@pytest.mark.parametrize("asked", ["AVX2", "COMPATIBLE"])
+def test_mkl_branch_is_the_branch_mkl_really_runs(asked):
+    """On an Intel CPU MKL runs the AVX2 branch asked for; on others it refuses it and runs AUTO, which the world's
+    stats must say rather than echo MKL_CBWR. COMPATIBLE is honoured everywhere."""
+    logged, branch, kernels = mkl_verbose_branch(asked)
+    if logged is None:
+        pytest.skip("this MKL prints no CNR field in its verbose log")
+    assert branch == logged
+    if asked == "COMPATIBLE":
+        assert branch == "COMPATIBLE" and "mkl_cbwr COMPATIBLE," in kernels
+    elif branch == "AVX2":
+        assert "mkl_cbwr AVX2," in kernels
+    else:
+        assert f"mkl_cbwr {branch} (AVX2 asked, refused by MKL)" in kernels
+
+
 def test_the_test_world_records_its_kernels(world):
     assert world.stats["cpu_kernels"] == kernels_in_use() or not AVX2
     if AVX2:
-        assert world.stats["cpu_kernels"].startswith("aten AVX2, mkl_cbwr AVX2")
+        assert world.stats["cpu_kernels"].startswith("aten AVX2, mkl_cbwr ")

@@ -9,13 +9,12 @@ and a switch a script cannot see (English -> Spanish) beside one it can (English
 2. measure the untrained policy on held-out English prompts (ground-truth lexicon judge, loop detector,
    task reward), and the loop rate of amplified samples of it;
 3. train GRPO under arms with the same seeds and budget:
-   (a) task reward only; (b) + DeepSeek-R1 language-consistency reward (script for Chinese, lingua for
-   Spanish); (c) + SAE code-switch penalty; (d) + SAE penalty and SASFT auxiliary loss; (e) + amplified
-   repetition-feature sampling (Qwen-Scope RL); (f) + n-gram repetition penalty (open-r1); (g) + the SASFT
-   auxiliary loss alone (is it the aux loss or the penalty that works?); (h) (e) without the importance
-   correction of the amplified rollouts (is it the correction that makes (e) train?);
-4. fine-tune the world model with plain SFT and with SASFT on data with a rare share of switched documents
-   (`demo_sft`);
+   (a) task reward only; (b) + DeepSeek-R1 language-consistency reward (script for Chinese, lingua for Spanish);
+   (c) + SAE code-switch penalty; (d) + SAE penalty and SASFT auxiliary loss; (e) + amplified repetition-feature
+   sampling (Qwen-Scope RL); (f) + n-gram repetition penalty (open-r1); (g) + the SASFT auxiliary loss alone (is it
+   the aux loss or the penalty that works?); (h) (e) without the importance correction of the amplified rollouts
+   (is it the correction that makes (e) train?);
+4. fine-tune the world model with plain SFT and with SASFT on data with a rare share of switched documents (`sft`);
 5. measure every policy on the same held-out prompts; `demo_report` writes the report with 95% bootstrap
    intervals over prompts and seeds (`demo_stats`).
 
@@ -368,7 +367,8 @@ def assemble(world, settings: DemoSettings, rows: list[dict], seconds: float, se
     return {
         "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(settings).items()},
         "world": {"path": str(world.path), "seed": world.seed,
-                  **{k: world.stats[k] for k in ("size", "recipe_hash", "d_sae", "layer", "build_seconds")},
+                  **{k: world.stats.get(k) for k in ("size", "recipe_hash", "d_sae", "layer", "build_seconds",
+                                                     "cpu_kernels")},
                   "regime": {k: world.stats[k] for k in stats_keys}},
         "untrained": [r["measured"] for r in untrained],
         "amplified_heldout": amplified,

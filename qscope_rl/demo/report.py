@@ -156,6 +156,11 @@ def markdown(report: dict) -> str:
         f"# qscope-rl demo: {len(report['arms'])} arms x {len(s['seeds'])} seeds on the `{w['size']}` demo world "
         f"(world seed {w['seed']})",
         "",
+        f"World recipe hash {w.get('recipe_hash', 'not recorded')}, built with CPU kernels "
+        f"{w.get('cpu_kernels') or 'not recorded'} "
+        f"(MKL honours the pinned AVX2 branch on Intel CPUs only: an AMD-built world is another world of the same "
+        f"seed, and its report another report).",
+        "",
         f"{s['max_steps']} GRPO steps per run, {s['prompts_per_step']} prompts x {s['num_generations']} rollouts per "
         f"step. Each policy is measured on {s['eval_prompts']} held-out English prompts x "
         f"{s['eval_samples_per_prompt']} "

@@ -8,10 +8,12 @@ place when complete (stats.json last), so an interrupted build never looks cache
 
 Determinism: torch's thread count is pinned and deterministic algorithms are on during the build,
 every random draw is seeded from the recipe, and the build runs with CPU kernels pinned to AVX2
-(`kernels`; in a fresh process unless this one already runs them), so the same recipe is meant to give
-byte-identical weights on any x86-64 machine with AVX2, not only on the one that built it.
-stats["cpu_kernels"] says which kernels a world was built with. Checked: two pinned builds on one machine
-are identical; unpinned builds with ATen's AVX-512 and AVX2 kernels on one machine are not. The world seed
+(`kernels`; in a fresh process unless this one already runs them), so the same recipe gives byte-identical
+weights on Intel x86-64 machines with AVX2, not only on the one that built it. Not across CPU vendors: MKL
+honours the AVX2 branch on Intel CPUs only, so an AMD-built world is another world of the same recipe (measured;
+the build warns, and stats["cpu_kernels"] names the branch MKL really ran, e.g. "mkl_cbwr AUTO (AVX2 asked,
+refused by MKL)"). Checked: two pinned builds on one machine are identical; unpinned builds with ATen's AVX-512
+and AVX2 kernels on one machine are not. The world seed
 (`WorldRecipe.seed`, `qscope-rl world build --seed N`) seeds the lexicon, the corpus, the LM, the SAE and
 the measurement at once, so every claim can be checked on a world nobody tuned on.
 
@@ -53,7 +55,7 @@ from tqdm.auto import tqdm
 
 from .cache_check import WorldCacheError, check_world, remove_dead_builds
 from .corpus import CorpusSpec, build_lexicon, generate_documents
-from .kernels import kernels_in_use, kernels_pinned, run_pinned
+from .kernels import kernels_in_use, kernels_pinned, mkl_branch, run_pinned
 from .measure import measure_samples, regime_checks
 from .model import LMSpec, eval_loss, make_model, pack_documents, train_lm
 from .sae_training import (
@@ -210,6 +212,11 @@ def build_world(
 
 def _build_here(recipe: WorldRecipe, final: Path, force: bool) -> None:
     """Build into a temporary folder in this process and rename it to `final`."""
+    branch = mkl_branch()
+    if kernels_pinned() and branch not in (None, "AVX2"):
+        warnings.warn(f"MKL runs its {branch} branch on this CPU, not the pinned AVX2 one (it honours MKL_CBWR=AVX2 on "
+                      f"Intel CPUs only): this world differs from the world its recipe gives on an Intel CPU, and "
+                      f"reports made on one kind do not reproduce on the other", stacklevel=2)
     tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
