@@ -1,11 +1,21 @@
 """What the trainer benchmarks (grpo_overhead, real_shape, vllm_overhead) measure the same way: peak tensor memory,
-TRL's step times, a random Qwen-Scope-layout SAE, and one arm per child process reporting a JSON line."""
+TRL's step times, a random Qwen-Scope-layout SAE, and one arm per child process reporting a JSON line; and the
+built demo world a benchmark's --world-dir names (utilities, steer_throughput)."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 from pathlib import Path
+
+
+def built_world(world_dir: str):
+    """The `World` in ``world_dir``; a clear exit where the folder holds no built world."""
+    from qscope_rl.world import World
+
+    if not (Path(world_dir) / "stats.json").is_file():
+        raise SystemExit(f"error: --world-dir {world_dir} is not a built world (no stats.json there)")
+    return World(world_dir)
 
 
 def peak_tensor_bytes(fn) -> int:

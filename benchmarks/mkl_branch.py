@@ -37,15 +37,14 @@ print(json.dumps([mkl_branch(), hashlib.sha256(out).hexdigest()[:12]]))
 
 STEP = """
 import json, time, torch
-from transformers import Qwen3Config, Qwen3ForCausalLM
-from qscope_rl.world.model import LMSpec
+from qscope_rl.world.model import LMSpec, make_model
 torch.set_num_threads(1)
-torch.manual_seed(0)
+class Vocabulary:  # what make_model reads of the world's tokenizer: its size and special ids
+    eos_token_id = pad_token_id = 0
+    def __len__(self):
+        return LMSpec().vocab_size
 s = LMSpec()
-config = Qwen3Config(vocab_size=s.vocab_size, hidden_size=s.hidden_size, intermediate_size=s.intermediate_size,
-                     num_hidden_layers=s.num_hidden_layers, num_attention_heads=s.num_attention_heads,
-                     num_key_value_heads=s.num_key_value_heads, head_dim=s.head_dim)
-model = Qwen3ForCausalLM(config)
+model = make_model(s, Vocabulary())  # the world's own LM (tied embeddings), seeded as the build seeds it
 opt = torch.optim.AdamW(model.parameters(), lr=s.lr)
 ids = torch.randint(0, s.vocab_size, (s.batch_size, s.seq_len))
 def step():

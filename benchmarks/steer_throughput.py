@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _measure import built_world  # noqa: E402
 from real_shape import QWEN3, qwen3_config  # noqa: E402
 
 LAYER, D_SAE, K, FEATURES = 14, 32768, 50, 8
@@ -94,10 +95,9 @@ def main(argv=None) -> dict:
     name = args.model if args.model != "auto" else ("1.7b" if cuda else "0.6b")
     world = None
     if args.world_dir is not None:
-        from qscope_rl.world import World
-        from qscope_rl.world.packs import world_pack_files
-
-        world = World(args.world_dir)
+        if args.model != "auto" or args.layers is not None:
+            parser.error("--world-dir measures the world's own model: --model and --layers do not apply")
+        world = built_world(args.world_dir)
     rollouts = args.rollouts or (128 if world else 64 if cuda else 8)
     new_tokens = args.new_tokens or (48 if world else 128 if cuda else 32)
     modes = [m for m in args.modes.split(",") if m]
@@ -111,9 +111,10 @@ def main(argv=None) -> dict:
     if world is not None:
         from qscope_rl import load_sae
         from qscope_rl.features.feature_pack import FeaturePack
+        from qscope_rl.world.packs import world_pack_files
 
-        model, config, layer = world.model.to(device).eval(), world.model.config, world.layer
-        sae = load_sae(world.sae_dir, layer=layer, device=device)
+        model, config, layer = world.model.to(device=device, dtype=dtype).eval(), world.model.config, world.layer
+        sae = load_sae(world.sae_dir, layer=layer, device=device).to(dtype=dtype)
         ids = FeaturePack.load(world_pack_files(world)["zh"]).ids[:FEATURES].tolist()
         tok = world.tokenizer
         tok.padding_side = "left"  # generate continues each row from its last prompt token

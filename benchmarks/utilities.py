@@ -73,6 +73,9 @@ from qscope_rl.tools.synthesize import (
 from qscope_rl.world import SIZES, World, load_world
 from qscope_rl.world.kernels import pin_kernels  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _measure import built_world  # noqa: E402
+
 THROUGHPUT_PAIRS = 4
 DRAWS = 10  # redundancy: draws of the benchmark documents (draw 0 is the headline, the rest show the spread)
 SYNTH_ROUNDS = 16  # synthesize: attempts per target at most (the matched budget is what they use); at 8 the
@@ -301,9 +304,7 @@ def bench_world(size: str, seed: int, world_dir: str | None) -> World:
     if world_dir:
         if seed:
             raise SystemExit("error: --world-seed and --world-dir exclude each other (the folder fixes the seed)")
-        if not (Path(world_dir) / "stats.json").is_file():
-            raise SystemExit(f"error: --world-dir {world_dir} is not a built world (no stats.json there)")
-        return World(world_dir)
+        return built_world(world_dir)
     return load_world(size, seed=seed)
 
 
