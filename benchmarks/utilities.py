@@ -21,8 +21,10 @@ by the SAE. Every setting and measure is fixed up front, in the modules that run
   samples each method needs to cover 90% of them, and the downstream topic classifier on the long tail.
 - redundancy (`qscope_rl.demo.redundancy_benchmarks`): 14 benchmarks of held-out documents with known cell
   overlap; Spearman between the footprint redundancy R and the performance-based redundancy of a family of
-  ablated models, over 10 draws of the documents; the overlap matrix against the truth; an asymmetric pair; all
-  of it for the report's last-token footprint (the headline) and for the any-token footprint (ours).
+  96 ablated models, over 10 draws of the documents; the reference's own reliability (its two halves of 48
+  models against each other) and both measures against the redundancy the benchmarks were built with; the
+  overlap matrix against the truth; an asymmetric pair; all of it for the report's last-token footprint (the
+  headline) and for the any-token footprint (ours).
 The last line is one JSON object with the headline numbers.
 """
 
@@ -49,8 +51,10 @@ from qscope_rl.demo.classify_tasks import TASKS, world_classification
 from qscope_rl.demo.measures import format_curve
 from qscope_rl.demo.redundancy_benchmarks import (
     ASYMMETRIC_PAIR,
+    designed_redundancy,
     min_cell_size,
     model_family_scores,
+    reference_reliability,
     spearman,
     world_benchmarks,
 )
@@ -78,6 +82,10 @@ from _measure import built_world  # noqa: E402
 
 THROUGHPUT_PAIRS = 4
 DRAWS = 10  # redundancy: draws of the benchmark documents (draw 0 is the headline, the rest show the spread)
+# redundancy: ablated models in the reference's family. With 24 (until 2026-12-06) its halves of 12 ranked the
+# benchmarks alike at Spearman 0.745 ± 0.098 over the draws, halves of 48 at 0.826 ± 0.072 (seed-0 world, AMD
+# build; docs/utilities/v9/redundancy_amd_*_models.txt): a reference must agree with itself to be checked against
+FAMILY = 96
 SYNTH_ROUNDS = 16  # synthesize: attempts per target at most (the matched budget is what they use); at 8 the
 # targeted run stalled at 87.5% on the default world (2026-12-02), leaving samples-to-90% undefined
 UNGUIDED_CAP = 8  # the unguided run may use this many times the targeted run's samples to reach 90%
@@ -235,13 +243,16 @@ def bench_synthesize(world, sae, plots: Path | None, rounds: int = SYNTH_ROUNDS)
 
 def redundancy_draws(world, prints, scores, per_benchmark: int) -> dict:
     """Over DRAWS draws of the benchmarks' documents: Spearman(R, performance-based redundancy), Spearman(overlap,
-    true overlap); with the first draw's report and performance-based redundancies."""
-    rhos, overlap_rhos, first = [], [], None
+    true overlap), Spearman(R, designed redundancy); with the first draw's report and performance-based
+    redundancies."""
+    rhos, overlap_rhos, r_designed, first = [], [], [], None
+    designed = designed_redundancy(world)
     for draw in range(DRAWS):
         index, truth = world_benchmarks(world, per_benchmark=per_benchmark, seed=draw)
         report = compare_footprints({n: [prints[i] for i in idx] for n, idx in index.items()})
         perf = [performance_redundancy(scores[idx], seed=draw) for idx in index.values()]
         rhos.append(spearman(report.redundancy, perf))
+        r_designed.append(spearman(report.redundancy, [designed[n] for n in report.names]))
         pos = {n: i for i, n in enumerate(report.names)}
         pairs = sorted(truth)
         overlap_rhos.append(spearman([truth[p] for p in pairs],
@@ -252,20 +263,41 @@ def redundancy_draws(world, prints, scores, per_benchmark: int) -> dict:
     pos = {n: i for i, n in enumerate(report.names)}
     ab, ba = float(report.overlap[pos[a], pos[b]]), float(report.overlap[pos[b], pos[a]])
     return {"rhos": rhos, "overlap_rhos": overlap_rhos, "report": report, "perf": perf, "truth": truth,
-            "asymmetric": (ab, ba)}
+            "asymmetric": (ab, ba), "r_designed": r_designed}
 
 
-def bench_redundancy(world, sae, plots: Path | None) -> dict:
+def reference_checks(world, scores, per_benchmark: int) -> dict:
+    """Over DRAWS draws: the performance-based redundancy's reliability (its two halves of the model family
+    against each other) and its Spearman with the designed redundancy."""
+    designed = designed_redundancy(world)
+    reliability, validity = [], []
+    for draw in range(DRAWS):
+        index, _ = world_benchmarks(world, per_benchmark=per_benchmark, seed=draw)
+        reliability.append(reference_reliability(scores, index, seed=draw))
+        perf = [performance_redundancy(scores[idx], seed=draw) for idx in index.values()]
+        validity.append(spearman(perf, [designed[n] for n in index]))
+    mean_sd = lambda xs: f"{statistics.fmean(xs):.3f} ± {statistics.stdev(xs):.3f}"  # noqa: E731
+    print(f"the reference itself: its two halves ({scores.shape[1] // 2} models each) rank the benchmarks at Spearman "
+          f"{reliability[0]:.3f} (over {DRAWS} draws {mean_sd(reliability)}; a reference this noisy caps any "
+          f"measure's agreement with it); against the designed redundancy (fewer distinct cells = more redundant) "
+          f"{validity[0]:.3f} ({mean_sd(validity)})")
+    return {"redundancy_reference_reliability": reliability[0],
+            "redundancy_reference_reliability_mean": statistics.fmean(reliability),
+            "redundancy_reference_spearman_designed": validity[0],
+            "redundancy_reference_spearman_designed_mean": statistics.fmean(validity)}
+
+
+def bench_redundancy(world, sae, plots: Path | None, models: int = FAMILY) -> dict:
     docs = world.documents("heldout")
     texts = [d.text for d in docs]
-    print(f"\n## redundancy: footprints and a family of 24 ablated models on {len(texts)} held-out documents")
+    print(f"\n## redundancy: footprints and a family of {models} ablated models on {len(texts)} held-out documents")
     feats = encode_texts(world.model, world.tokenizer, sae, texts, progress=False)
     prints = {where: footprints_of(feats, where) for where in ("last", "any")}  # the report's, ours
-    scores = model_family_scores(world, texts, progress=False)
+    scores = model_family_scores(world, texts, n_models=models, progress=False)
     # 48 documents per benchmark (v1 default world), at most what the smallest (topic, language) cell holds
     per_benchmark = min(48 if len(docs) >= 800 else 16, min_cell_size(world))
     a, b = ASYMMETRIC_PAIR
-    out = {}
+    out = reference_checks(world, scores, per_benchmark)
     for where, suffix in (("last", ""), ("any", "_any")):
         r = redundancy_draws(world, prints[where], scores, per_benchmark)
         rhos, overlap_rhos, report, perf, truth = r["rhos"], r["overlap_rhos"], r["report"], r["perf"], r["truth"]
@@ -279,6 +311,8 @@ def bench_redundancy(world, sae, plots: Path | None) -> dict:
         print(f"Spearman(R, performance-based redundancy) over {len(report.names)} benchmarks: {rhos[0]:.3f} "
               f"(goal >= 0.9); over {DRAWS} draws {statistics.fmean(rhos):.3f} ± {statistics.stdev(rhos):.3f} "
               f"(min {min(rhos):.3f}, max {max(rhos):.3f})")
+        print(f"Spearman(R, designed redundancy): {r['r_designed'][0]:.3f}; over {DRAWS} draws "
+              f"{statistics.fmean(r['r_designed']):.3f} ± {statistics.stdev(r['r_designed']):.3f}")
         print(f"Spearman(overlap, true cell overlap) over the {len(truth)} ordered pairs: {overlap_rhos[0]:.3f}; "
               f"over {DRAWS} draws {statistics.fmean(overlap_rhos):.3f} ± {statistics.stdev(overlap_rhos):.3f}")
         print(f"asymmetric pair: overlap({a} -> {b}) = {ab:.2f}, overlap({b} -> {a}) = {ba:.2f} (true 1.00 / "
@@ -290,6 +324,8 @@ def bench_redundancy(world, sae, plots: Path | None) -> dict:
         out |= {f"redundancy_spearman{suffix}": rhos[0], f"redundancy_spearman{suffix}_mean": statistics.fmean(rhos),
                 f"redundancy_spearman{suffix}_std": statistics.stdev(rhos),
                 f"redundancy_overlap_spearman{suffix}": overlap_rhos[0],
+                f"redundancy_spearman_designed{suffix}": r["r_designed"][0],
+                f"redundancy_spearman_designed{suffix}_mean": statistics.fmean(r["r_designed"]),
                 f"redundancy_overlap_spearman{suffix}_mean": statistics.fmean(overlap_rhos),
                 f"redundancy_asymmetric{suffix}": [ab, ba], f"redundancy_asymmetric{suffix}_reproduced": asymmetric}
     return {"redundancy_benchmarks": len(report.names), **out}
@@ -318,12 +354,16 @@ def main(argv=None) -> int:
     parser.add_argument("--plots", default=None, help="write PNG figures into this folder")
     parser.add_argument("--synth-rounds", type=int, default=SYNTH_ROUNDS,
                         help=f"synthesize: attempts per target at most (default {SYNTH_ROUNDS})")
+    parser.add_argument("--redundancy-models", type=int, default=FAMILY,
+                        help=f"redundancy: ablated models in the reference's family, >= 6 (default {FAMILY})")
     args = parser.parse_args(argv)
     pin_kernels()  # the same numbers on every machine (qscope_rl.world.kernels), with 2 threads
     torch.set_num_threads(2)
     t0, cpu0 = time.perf_counter(), time.process_time()
     if args.world_seed < 0:
         raise SystemExit(f"error: --world-seed must be >= 0, got {args.world_seed}")
+    if args.redundancy_models < 6:
+        raise SystemExit(f"error: --redundancy-models must be >= 6 (two halves of 3), got {args.redundancy_models}")
     world = bench_world(args.world_size, args.world_seed, args.world_dir)
     sae = load_sae(world.sae_dir, layer=world.layer)
     plots = Path(args.plots) if args.plots else None
@@ -336,7 +376,8 @@ def main(argv=None) -> int:
         if name not in BENCHES:
             raise SystemExit(f"error: unknown benchmark {name!r}; choose from {list(BENCHES)}")
         t, cpu = time.perf_counter(), time.process_time()
-        results |= BENCHES[name](world, sae, plots, **({"rounds": args.synth_rounds} if name == "synthesize" else {}))
+        options = {"synthesize": {"rounds": args.synth_rounds}, "redundancy": {"models": args.redundancy_models}}
+        results |= BENCHES[name](world, sae, plots, **options.get(name, {}))
         # CPU seconds beside wall seconds: on a shared machine the wall time is mostly other jobs' load
         print(f"({name}: {time.perf_counter() - t:.0f}s wall, {time.process_time() - cpu:.0f}s CPU)")
     results["seconds"] = round(time.perf_counter() - t0, 1)

@@ -169,3 +169,34 @@ def test_any_token_footprints_hold_the_last_token_and_every_firing_feature(world
     assert all(a <= b and len(b) > len(a) for a, b in zip(last, anywhere))
     with pytest.raises(ValueError, match="where"):
         footprints(world.model, world.tokenizer, sae, texts, where="first")
+
+
+def test_designed_redundancy_orders_benchmarks_by_their_distinct_sources(world):
+    from qscope_rl.demo.redundancy_benchmarks import benchmark_cells, designed_redundancy
+
+    cells = benchmark_cells(world)
+    designed = designed_redundancy(world)
+    assert set(designed) == set(cells)
+    assert max(designed, key=designed.get) == "T0-dup"  # 8 documents of one cell: the most redundant
+    assert min(designed, key=designed.get) == "all"  # every cell: the least
+    single = [n for n, cs in cells.items() if len(cs) == 1 and not n.endswith("-dup")]
+    assert all(designed[s] > designed[n] for s in single for n, cs in cells.items() if len(cs) > 1)
+    assert all((designed[a] > designed[b]) == (len(cells[a]) < len(cells[b]))
+               for a in cells for b in cells if "-dup" not in a + b and len(cells[a]) != len(cells[b]))
+
+
+def test_reference_reliability_is_the_agreement_of_two_halves_of_the_model_family():
+    from qscope_rl.demo.redundancy_benchmarks import reference_reliability, spearman
+    from qscope_rl.tools.redundancy import performance_redundancy
+
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(60, 8, generator=g, dtype=torch.float64)
+    index = {f"b{i}": list(range(5 * i, 5 * i + 10)) for i in range(10)}
+    expected = spearman([performance_redundancy(scores[idx, :4], seed=3) for idx in index.values()],
+                        [performance_redundancy(scores[idx, 4:], seed=3) for idx in index.values()])
+    assert reference_reliability(scores, index, seed=3) == pytest.approx(expected)
+    # a family whose two halves are the same models agrees with itself exactly
+    twin = torch.cat([scores[:, :4], scores[:, :4]], 1)
+    assert reference_reliability(twin, index) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="two halves of at least 3 models"):
+        reference_reliability(scores[:, :5], index)

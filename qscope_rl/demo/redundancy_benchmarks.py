@@ -11,6 +11,11 @@ The world's version, fixed up front:
   eighth of one layer's MLP neurons (``n_models``, seeded); a sample's score under a model is its mean token
   loss minus the intact model's. Performance-based redundancy = ``performance_redundancy`` of those scores.
 - the asymmetric pair: a narrow benchmark (2 English topics) against the broadest (every cell).
+- two checks of the reference itself (added after R missed it; neither is tuned on R): its reliability, the
+  Spearman between the performance-based redundancies that two halves of the model family give
+  (``reference_reliability``: no measure can agree with a reference better than the reference agrees with
+  itself), and its validity, the Spearman with the redundancy the benchmarks were built with
+  (``designed_redundancy``: fewer distinct cells = more redundant, the duplicated benchmark above all).
 """
 
 from __future__ import annotations
@@ -43,6 +48,27 @@ def benchmark_cells(world) -> dict[str, list[tuple[str, str]]]:
         f"all-{first}": cells(range(n), [first]), f"all-{second}": cells(range(n), [second]),
         "all": cells(range(n), langs),
     }
+
+
+def designed_redundancy(world) -> dict[str, float]:
+    """{name: how redundant the benchmark was built to be}, for ranking only: minus its number of distinct
+    (topic, language) cells, and half a cell more for the duplicated benchmark (8 documents of one cell)."""
+    return {name: -len(cells) + 0.5 * name.endswith("-dup") for name, cells in benchmark_cells(world).items()}
+
+
+def reference_reliability(scores: torch.Tensor, index: dict[str, list[int]], seed: int = 0) -> float:
+    """Spearman, across the benchmarks in ``index``, of the performance-based redundancies given by the first and
+    the second half of the model family (the columns of ``scores``; a family of consecutive models spans every
+    layer in both halves)."""
+    from qscope_rl.tools.redundancy import performance_redundancy
+
+    half = scores.shape[1] // 2
+    if half < 3:
+        raise ValueError(f"the reference's reliability needs two halves of at least 3 models, got "
+                         f"{scores.shape[1]} models")
+    first = [performance_redundancy(scores[idx, :half], seed=seed) for idx in index.values()]
+    second = [performance_redundancy(scores[idx, half:2 * half], seed=seed) for idx in index.values()]
+    return spearman(first, second)
 
 
 def min_cell_size(world) -> int:
