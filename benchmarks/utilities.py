@@ -9,7 +9,8 @@ folder instead.
 Everything is judged by the world's ground truth (topic vocabularies, Unicode script, the corpus's labels), never
 by the SAE. Every setting and measure is fixed up front, in the modules that run them:
 - steer (`qscope_rl.demo.steering_experiment`): additive, clamp and conditional steering side by side for
-  code-switch suppression and topic steering, plus pre_clamp (ours) for suppression, each mode's strength chosen
+  code-switch suppression and topic steering, plus pre_clamp (ours) for suppression and a dense DiffMean vector at
+  the SAE's layer (AxBench's strongest baseline, the yardstick for the features), each mode's strength chosen
   on development prompts by a stated rule, held-out prompts run once; throughput = the same generate call with
   and without the steering hook, pairs in alternating order (ABBA), the median of the pairs' ratios, per mode.
 - classify (`qscope_rl.demo.classify_tasks`): four tasks (topic, language, contains a switch, loops), macro-F1
@@ -58,13 +59,13 @@ from qscope_rl.demo.redundancy_benchmarks import (
     spearman,
     world_benchmarks,
 )
-from qscope_rl.demo.steering_experiment import code_switch_experiment, topic_experiment
+from qscope_rl.demo.steering_experiment import code_switch_experiment, steering, topic_experiment
 from qscope_rl.demo.synthesis_experiment import downstream, gain_interval, synthesis_setting
 from qscope_rl.features.text_features import encode_texts
 from qscope_rl.sae.loaders import load_sae
 from qscope_rl.tools.classify import plot_curve
 from qscope_rl.tools.redundancy import compare_footprints, footprints_of, performance_redundancy
-from qscope_rl.tools.steered_generation import generate, steer
+from qscope_rl.tools.steered_generation import generate
 from qscope_rl.tools.synthesize import (
     feature_coverage,
     plot_coverage_curves,
@@ -109,7 +110,7 @@ def bench_steer(world, sae, plots: Path | None) -> dict:
 
     def timed(alphas, mode) -> float:
         t0 = time.perf_counter()
-        with steer(model, sae, alphas, mode=mode) if alphas else contextlib.nullcontext():
+        with steering(model, sae, alphas, mode) if alphas is not None else contextlib.nullcontext():
             # exactly 48 new tokens in both arms: an earlier end-of-text in one arm would read as a speed-up
             generate(model, tok, texts, batch_size=len(texts), min_new_tokens=48, temperature=world.temperature,
                      progress=False)

@@ -312,3 +312,48 @@ def test_generate_min_new_tokens(world):
     assert len(fixed) == 4 and all(c for c in fixed)
     with pytest.raises(ValueError, match="min_new_tokens"):
         generate(world.model, world.tokenizer, prompts, max_new_tokens=4, min_new_tokens=5)
+
+
+def test_the_dense_diffmean_arm_edits_its_rows_with_the_world_vector(world):
+    """The experiments' DiffMean arm: a world vector (topic docs minus the others', at the SAE's layer), added to
+    the chosen rows only by ``steering``, the same context every arm goes through; no hook left behind."""
+    from qscope_rl.demo.measures import clean_documents, world_topic_vector
+    from qscope_rl.demo.steering_experiment import _run_groups, steering
+    from qscope_rl.hooks import capture_residual
+    from qscope_rl.tools.steering_vectors import diff_mean
+
+    sae = load_sae(world.sae_dir, layer=world.layer)
+    topic = world.topics[1]
+    vector = world_topic_vector(world, world.layer, topic, n_texts=20)
+    docs = clean_documents(world)
+    pos = [d.text for d in docs if d.topic == topic]
+    assert len(pos) >= 20 and vector.shape == (world.model.config.hidden_size,)
+    # the sampled documents are the topic's and the others': the vector points from the others' mean to the topic's
+    full = diff_mean(world.model, world.tokenizer, pos, [d.text for d in docs if d.topic != topic], world.layer)
+    assert torch.nn.functional.cosine_similarity(vector, full, dim=0) > 0.8
+    hooks_before = dict(decoder_layer(world.model, world.layer)._forward_hooks)
+    ids = world.tokenizer([d.text for d in world.documents("heldout")[:4]], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        with capture_residual(world.model, world.layer) as plain:
+            world.model(**ids)
+        with steering(world.model, sae, 2.0 * vector, "diffmean", rows=[0, 2]), \
+                capture_residual(world.model, world.layer) as edited:
+            world.model(**ids)
+    torch.testing.assert_close(edited.last[[0, 2]], plain.last[[0, 2]] + 2.0 * vector, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(edited.last[[1, 3]], plain.last[[1, 3]])
+    prompts = world.prompts("heldout", "en")[:4]
+    runs = _run_groups(world, sae, [(prompts[:2], 2.0 * vector, topic), (prompts[2:], None, topic)], "diffmean",
+                       max_new_tokens=4)
+    assert [r["n"] for r in runs] == [2, 2]
+    assert dict(decoder_layer(world.model, world.layer)._forward_hooks) == hooks_before
+    with pytest.raises(ValueError, match="unknown steering mode"):
+        steering(world.model, sae, {3: 1.0}, "dense")
+
+
+def test_the_headline_is_chosen_among_the_sae_modes_only():
+    from qscope_rl.demo.steering_experiment import DENSE, choose, sae_modes
+
+    rows = {"add": (0.3, 1.2), "clamp": (0.5, 1.4), DENSE: (0.9, 1.1)}
+    assert choose(rows, 1.5) == DENSE  # the dense arm would win on effect
+    assert choose(sae_modes(rows), 1.5) == "clamp"
+    assert choose(sae_modes(rows), 1.3) == "add"

@@ -24,16 +24,44 @@ def clean_documents(world, split: str = "train"):
     return [d for d in world.documents(split) if d.switch_char is None and d.loop_char is None]
 
 
+def topic_contrast(world, topic: str, n_texts: int = 300, seed: int = 0) -> tuple[list[str], list[str]]:
+    """(up to ``n_texts`` clean training documents of ``topic``, up to twice as many of the other topics), seeded."""
+    docs, rng = clean_documents(world), random.Random(seed)
+    pos = [d.text for d in docs if d.topic == topic]
+    neg = [d.text for d in docs if d.topic != topic]
+    return rng.sample(pos, min(n_texts, len(pos))), rng.sample(neg, min(2 * n_texts, len(neg)))
+
+
 def world_topic_pack(world, sae, topic: str, n_texts: int = 300, top_k: int = 16, seed: int = 0):
     """Contrastive features of ``topic`` (its clean training documents vs the other topics')."""
     from qscope_rl.features.discovery import discover_contrastive_features
 
-    docs, rng = clean_documents(world), random.Random(seed)
-    pos = [d.text for d in docs if d.topic == topic]
-    neg = [d.text for d in docs if d.topic != topic]
-    pos, neg = rng.sample(pos, min(n_texts, len(pos))), rng.sample(neg, min(2 * n_texts, len(neg)))
+    pos, neg = topic_contrast(world, topic, n_texts, seed)
     return discover_contrastive_features(world.model, world.tokenizer, sae, pos, neg, top_k=top_k,
                                          rank_by="mean_diff", name=f"topic-{topic}")
+
+
+def world_topic_vector(world, layer: int, topic: str, n_texts: int = 300, seed: int = 0):
+    """DiffMean toward ``topic`` at ``layer``: the same documents as ``world_topic_pack``'s contrast."""
+    from qscope_rl.tools.steering_vectors import diff_mean
+
+    pos, neg = topic_contrast(world, topic, n_texts, seed)
+    return diff_mean(world.model, world.tokenizer, pos, neg, layer)
+
+
+def world_language_vector(world, layer: int, langs, lang: str = "en", n_texts: int = 300, seed: int = 0):
+    """DiffMean from ``lang`` toward ``langs`` at ``layer``: up to ``n_texts`` clean training documents of each of
+    ``langs`` against up to twice as many of ``lang`` (subtract it to steer toward ``lang``)."""
+    from qscope_rl.tools.steering_vectors import diff_mean
+
+    docs, rng = clean_documents(world), random.Random(seed)
+    pos = [t for other in langs for t in _sample([d.text for d in docs if d.lang == other], n_texts, rng)]
+    neg = _sample([d.text for d in docs if d.lang == lang], 2 * n_texts, rng)
+    return diff_mean(world.model, world.tokenizer, pos, neg, layer)
+
+
+def _sample(items: list, n: int, rng: random.Random) -> list:
+    return rng.sample(items, min(n, len(items)))
 
 
 # Demo "benchmarks" over 8 topics (indices), every one 4 topics and the same size, so that the true

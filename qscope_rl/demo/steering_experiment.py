@@ -13,6 +13,12 @@ Fixed before any run:
 - topic steering: for each topic, its top ``top`` contrastive features, prompts of the other topics. Effect: the
   share of samples the world's topic judge puts on the target topic. Strengths: add at +medium / +strong /
   +20x, clamp to the same multiples, conditional at factor 2 / 4 / 10.
+- the dense yardstick (2026-12-06, fixed before its first run): DiffMean (AxBench's strongest baseline;
+  ``qscope_rl.tools.steering_vectors``) at the SAE's layer, the mean residual of up to 300 clean training
+  documents per unwanted language (topic) minus that of up to 600 English (other topics') ones, the topic's drawn
+  as its feature pack's are; added at -0.25x / -0.5x / -1x of that vector (code-switching) and +1x / +2x / +4x
+  (topics), chosen on dev like the rest, never the headline (an SAE mode is). Where it moves a behaviour the
+  features do not, the features are the limit, not the layer.
 - fluency cost (AxBench): the unsteered model's perplexity on the samples given their prompts, as a ratio to
   its perplexity on the unsteered samples of the same prompts.
 - prompts: code-switching on up to 128 development (training split) and 256 held-out English prompts (fewer
@@ -29,12 +35,13 @@ from __future__ import annotations
 import contextlib
 import random
 
-from .measures import steering_metrics, world_topic_pack
+from .measures import steering_metrics, world_language_vector, world_topic_pack, world_topic_vector
 
 CS_STRENGTHS = {"add": ("-light", "-medium", "-strong"), "clamp": ("-light", "-medium", "-strong"),
-                "conditional": (0.0,), "pre_clamp": (0.0, "-light", "-medium")}
+                "conditional": (0.0,), "pre_clamp": (0.0, "-light", "-medium"), "diffmean": ("-0.25x", "-0.5x", "-1x")}
 TOPIC_STRENGTHS = {"add": ("medium", "strong", "20x"), "clamp": ("medium", "strong", "20x"),
-                   "conditional": (2.0, 4.0, 10.0)}
+                   "conditional": (2.0, 4.0, 10.0), "diffmean": ("1x", "2x", "4x")}
+DENSE = "diffmean"  # the arm that steers with a dense vector, not SAE features
 CS_CAP, TOPIC_CAP = 1.5, 3.0
 # Printed beside the perplexity ratio, which falls when steered text repeats itself (2026-12-03, v9 world: clamp
 # -medium at 0.90x perplexity looped 2.3x as often as unsteered samples); reported, not part of the selection.
@@ -54,6 +61,28 @@ def alphas_for(pack, mode: str, strength, top: int) -> dict[int, float]:
     return relative_strengths(pack, strength, top=top)
 
 
+def steering(model, sae, alphas, mode: str, rows=None):
+    """The context manager of one arm: SAE features through ``steer`` (``alphas``: {feature: strength}), or for
+    the DiffMean arm a dense vector (``alphas``: the scaled vector) at the SAE's layer."""
+    from qscope_rl.tools.steered_generation import steer
+    from qscope_rl.tools.steering_vectors import steer_vector
+
+    if mode == DENSE:
+        return steer_vector(model, alphas, layer=sae.layer, rows=rows)
+    return steer(model, sae, alphas, mode=mode, rows=rows)
+
+
+def dense_strength(strength: str) -> float:
+    from qscope_rl.tools.steered_generation import parse_strength
+
+    return parse_strength(strength)[0]
+
+
+def sae_modes(rows: dict) -> dict:
+    """The SAE arms only: the headline is SAE steering's; the dense arm is reported beside it, not chosen."""
+    return {mode: row for mode, row in rows.items() if mode != DENSE}
+
+
 def choose(options: dict, cap: float):
     """The key whose (effect, ratio) has the largest effect with ratio <= cap, else the smallest ratio."""
     within = {k: v for k, v in options.items() if v[1] <= cap}
@@ -66,7 +95,7 @@ def _run_groups(world, sae, groups, mode: str, max_new_tokens: int = 48) -> list
     """One generate call for every group's prompts, each group's rows steered with its own features (a
     ``steer`` restricted to its rows; None: unsteered), then each group judged on its own. ``groups``: a list of
     (prompts, alphas or None, target topic or None). Every hook is removed on exit (ExitStack)."""
-    from qscope_rl.tools.steered_generation import generate, steer
+    from qscope_rl.tools.steered_generation import generate
 
     model, tok = world.model, world.tokenizer
     texts = [p.text for prompts, _, _ in groups for p in prompts]
@@ -74,7 +103,7 @@ def _run_groups(world, sae, groups, mode: str, max_new_tokens: int = 48) -> list
         start = 0
         for prompts, alphas, _ in groups:
             if alphas is not None:
-                stack.enter_context(steer(model, sae, alphas, mode=mode, rows=range(start, start + len(prompts))))
+                stack.enter_context(steering(model, sae, alphas, mode, rows=range(start, start + len(prompts))))
             start += len(prompts)
         # one batch: the row restrictions index the whole call's rows
         # at the world's decoding temperature, where its failures are as rare as the regime says
@@ -108,8 +137,12 @@ def code_switch_experiment(world, sae, n_dev: int = 128, n_test: int = 256, top:
     dev = world.prompts("train", "en")[:n_dev] * samples
     test = world.prompts("heldout", "en")[:n_test] * samples
     packs = unwanted_packs(world, "en")
+    langs = sorted({d.lang for d in world.documents("heldout")} - {"en"})
+    vector = world_language_vector(world, sae.layer, langs, "en")
 
     def alphas(mode, strength):
+        if mode == DENSE:
+            return dense_strength(strength) * vector
         merged: dict[int, float] = {}
         for pack in packs:
             merged |= alphas_for(pack, mode, strength, top)
@@ -126,7 +159,7 @@ def code_switch_experiment(world, sae, n_dev: int = 128, n_test: int = 256, top:
         log(f"dev sweep {mode}: " + ", ".join(f"{s}: cut {c:.1%} ppl x{r:.2f}" for s, (c, r) in opts.items()))
         chosen[mode] = choose(opts, CS_CAP)
         dev_rows[mode] = opts[chosen[mode]]
-    headline = choose(dev_rows, CS_CAP)
+    headline = choose(sae_modes(dev_rows), CS_CAP)
     base = _run(world, sae, test, None, "add")
     log(f"unsteered: {round(base_dev['code_switch_rate'] * len(dev))} of {len(dev)} development samples switch, "
         f"{round(base['code_switch_rate'] * len(test))} of {len(test)} held-out ones (the world's lexicon)")
@@ -150,6 +183,12 @@ def code_switch_experiment(world, sae, n_dev: int = 128, n_test: int = 256, top:
 def topic_experiment(world, sae, n_dev: int = 24, n_test: int = 64, top: int = 8, seed: int = 0, log=print) -> dict:
     rng = random.Random(seed)
     packs = {t: world_topic_pack(world, sae, t) for t in world.topics}
+    vectors = {t: world_topic_vector(world, sae.layer, t) for t in world.topics}
+
+    def alphas(topic, mode, strength):
+        return dense_strength(strength) * vectors[topic] if mode == DENSE else alphas_for(packs[topic], mode,
+                                                                                          strength, top)
+
     split = {}
     for t in world.topics:
         split[t] = (rng.sample([p for p in world.prompts("train") if p.topic != t], n_dev),
@@ -164,8 +203,8 @@ def topic_experiment(world, sae, n_dev: int = 24, n_test: int = 64, top: int = 8
         if mode is None:
             runs = [bases[which, t] for t in world.topics]
         else:  # every topic's prompts in one call, each topic's rows steered toward it
-            runs = _run_groups(world, sae, [(split[t][which], alphas_for(packs[t], mode, strength, top), t)
-                                            for t in world.topics], mode)
+            runs = _run_groups(world, sae, [(split[t][which], alphas(t, mode, strength), t) for t in world.topics],
+                               mode)
         shares = [m["topic_share"] for m in runs]
         ratios = [m["perplexity"] / bases[which, t]["perplexity"] for t, m in zip(world.topics, runs)]
         return sum(shares) / len(shares), sum(ratios) / len(ratios), {"per_topic": shares}
@@ -176,7 +215,7 @@ def topic_experiment(world, sae, n_dev: int = 24, n_test: int = 64, top: int = 8
         log(f"dev sweep {mode}: " + ", ".join(f"{s}: share {a:.3f} ppl x{r:.2f}" for s, (a, r) in opts.items()))
         chosen[mode] = choose(opts, TOPIC_CAP)
         dev_rows[mode] = opts[chosen[mode]]
-    headline = choose(dev_rows, TOPIC_CAP)
+    headline = choose(sae_modes(dev_rows), TOPIC_CAP)
     before = mean_effect(1, None, None)
     log(f"{'mode':<12} {'strength':>9} {'dev share':>9} {'dev ppl x':>9} {'on topic':>8} {'ppl x':>6}")
     log(f"{'unsteered':<12} {'':>9} {'':>9} {'':>9} {before[0]:>8.3f} {1.0:>6.2f}")

@@ -1,0 +1,72 @@
+"""Dense steering vectors: the difference in means of the residual stream (DiffMean).
+
+The vector is the mean residual of texts that show a concept minus that of texts that do not, at one layer;
+steering adds ``strength * vector`` there at every position. AxBench (Wu et al., 2025) found DiffMean the
+strongest representation-steering baseline, ahead of SAE features; contrastive activation addition (Rimsky
+et al., 2024) and ActAdd (Turner et al., 2023) steer along the same kind of direction. It is the yardstick for
+SAE steering: where it works at a layer and the SAE's features do not, the features are the limit, not the layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from qscope_rl.features.text_features import check_texts
+from qscope_rl.hooks import ForwardToLayer, ResidualEdit, add_to_residual, decoder_layer
+
+
+@torch.no_grad()
+def mean_residual(model: nn.Module, tokenizer, texts: Sequence[str], layer: int, *, batch_size: int = 32,
+                  max_length: int = 256, what: str = "texts") -> Tensor:
+    """(d,) the residual after decoder layer ``layer``, averaged over each text's tokens, then over the texts
+    (each text counts once, whatever its length). Texts are truncated to ``max_length`` tokens."""
+    texts = check_texts(texts, what)
+    decoder_layer(model, layer)  # a clear error for a layer the model does not have, before any forward
+    ids = [list(x) for x in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]]
+    empty = [i for i, x in enumerate(ids) if not x]
+    if empty:
+        raise ValueError(f"{what} {empty[:10]} tokenize to nothing")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    device = next(model.parameters()).device
+    total = None
+    with ForwardToLayer(model, layer) as forward:
+        for start in range(0, len(ids), batch_size):
+            batch = ids[start:start + batch_size]
+            lengths = torch.tensor([len(s) for s in batch])
+            mask = torch.arange(int(lengths.max())) < lengths[:, None]  # (B, T), right padding
+            input_ids = torch.full(mask.shape, int(pad), dtype=torch.long)
+            input_ids[mask] = torch.tensor([t for s in batch for t in s])
+            hidden = forward.run(input_ids=input_ids.to(device), attention_mask=mask.long().to(device),
+                                 use_cache=False).float()
+            m = mask.to(hidden.device).unsqueeze(-1)
+            per_text = ((hidden * m).sum(1) / m.sum(1)).sum(0)  # (d,) sum of this batch's text means
+            total = per_text if total is None else total + per_text
+    return total / len(ids)
+
+
+def diff_mean(model: nn.Module, tokenizer, positive: Sequence[str], negative: Sequence[str], layer: int,
+              **kwargs) -> Tensor:
+    """(d,) mean residual of ``positive`` texts minus that of ``negative`` ones at ``layer`` (see
+    ``mean_residual``): add it to move toward the positive concept, subtract it to move away."""
+    return (mean_residual(model, tokenizer, positive, layer, what="positive texts", **kwargs)
+            - mean_residual(model, tokenizer, negative, layer, what="negative texts", **kwargs))
+
+
+def steer_vector(model: nn.Module, vector: Tensor, *, layer: int, strength: float = 1.0,
+                 rows: Iterable[int] | Tensor | None = None,
+                 positions: Iterable[int] | slice | None = None) -> ResidualEdit:
+    """Context manager adding ``strength * vector`` to the residual after ``layer`` (on ``rows`` / ``positions``,
+    see ``ResidualEdit``); the hook is removed on exit. Example::
+
+        v = diff_mean(model, tok, chinese_texts, english_texts, layer=14)
+        with steer_vector(model, v, layer=14, strength=-1.0):  # away from Chinese
+            out = model.generate(**inputs)
+    """
+    vector = torch.as_tensor(vector)
+    if not bool(torch.isfinite(vector).all()):
+        raise ValueError("the steering vector must be finite: it has NaN or infinite entries")
+    dtype = next(model.parameters()).dtype
+    return add_to_residual(model, layer, (float(strength) * vector).to(dtype), rows=rows, positions=positions)
