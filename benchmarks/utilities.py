@@ -128,6 +128,7 @@ def bench_steer(world, sae, plots: Path | None) -> dict:
           + ", ".join(f"{m} {r:.3f}" for m, r in ratios.items()) + f" (goal >= 0.95; {time.perf_counter() - t0:.0f}s)")
     head, thead = cs["modes"][cs["headline"]], topic["modes"][topic["headline"]]
     out = {"steer_cs_mode": cs["headline"], "steer_cs_reduction": head["reduction"],
+           "steer_cs_reduction_ci": head["reduction_ci"],
            "steer_cs_ppl_ratio": head["ppl_ratio"], "steer_topic_mode": topic["headline"],
            "steer_topic_success": thead["topic_share"], "steer_topic_ppl_ratio": thead["ppl_ratio"],
            "steer_throughput_ratio": ratios[cs["headline"]]}

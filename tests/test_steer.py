@@ -357,3 +357,20 @@ def test_the_headline_is_chosen_among_the_sae_modes_only():
     assert choose(rows, 1.5) == DENSE  # the dense arm would win on effect
     assert choose(sae_modes(rows), 1.5) == "clamp"
     assert choose(sae_modes(rows), 1.3) == "add"
+
+
+def test_the_cut_interval_resamples_prompts_with_all_their_samples():
+    """Samples are prompts repeated ``samples`` times (sample j is prompt j % n): the interval resamples prompts."""
+    from qscope_rl.demo.steering_experiment import cut_interval
+
+    n, samples = 10, 8
+    base = [j % n == 0 for j in range(n * samples)]  # prompt 0 switches in all 8 of its samples, no other prompt
+    steered = [j % n == 0 and j < 4 * n for j in range(n * samples)]  # prompt 0 in 4 of them
+    assert cut_interval(base, steered, samples) == pytest.approx((0.5, 0.5, 0.5))  # every draw holding prompt 0
+    cut, lo, hi = cut_interval(base, base, samples)
+    assert cut == 0 and lo == hi == 0
+    spread = [j % n < 5 for j in range(n * samples)]  # five prompts switch always; steering removes one of them
+    cut, lo, hi = cut_interval(spread, [j % n < 4 for j in range(n * samples)], samples)
+    assert cut == pytest.approx(0.2) and 0 <= lo < 0.2 < hi <= 1
+    with pytest.raises(ValueError, match="samples"):
+        cut_interval(base, steered[:-1], samples)

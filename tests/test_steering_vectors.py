@@ -66,3 +66,9 @@ def test_bad_input_is_named():
         steer_vector(model, torch.zeros(3), layer=0)
     with pytest.raises(ValueError, match="finite"):
         steer_vector(model, torch.full((model.config.hidden_size,), float("nan")), layer=0)
+    with pytest.raises(ValueError, match="finite"):
+        steer_vector(model, torch.ones(model.config.hidden_size), layer=0, strength=float("inf"))
+    with pytest.raises(ValueError, match="layer 5"):
+        steer_vector(model, torch.ones(model.config.hidden_size), layer=5)
+    with pytest.raises(ValueError, match="batch_size"):
+        mean_residual(model, _Tokenizer(), TEXTS, layer=0, batch_size=0)

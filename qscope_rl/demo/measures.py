@@ -84,7 +84,8 @@ def demo_benchmarks(world, per_topic: int = 12, seed: int = 0) -> tuple[dict[str
     return benchmarks, truth
 
 
-def steering_metrics(world, prompts, completions, base_model, tokenizer, target_topic: str | None = None) -> dict:
+def steering_metrics(world, prompts, completions, base_model, tokenizer, target_topic: str | None = None, *,
+                     per_sample: bool = False) -> dict:
     """Judge completions on the world: code-switch rate by the world's lexicon (the ground truth, which sees the
     same-script Spanish switch), per target language and as a Unicode-script judge sees it; the share judged on
     ``target_topic``; the unsteered model's perplexity on them; ``n``, the number of completions.
@@ -93,7 +94,7 @@ def steering_metrics(world, prompts, completions, base_model, tokenizer, target_
     scores a lower perplexity than the unsteered one. ``loop_rate`` (completions ending in a loop,
     `judges.has_loop`), ``distinct_2`` (each completion's distinct unit bigrams over its bigrams, summed over
     completions: repetition within a sample, not shared phrases across samples) and ``mean_units`` (mean length
-    in `judges.units`)."""
+    in `judges.units`). ``per_sample``: also ``switched``, each completion's code-switch flag (for intervals)."""
     from qscope_rl.tools.steered_generation import perplexity
 
     n = len(completions)
@@ -115,6 +116,8 @@ def steering_metrics(world, prompts, completions, base_model, tokenizer, target_
            "mean_units": sum(map(len, split)) / n}
     for lang in sorted({lang for p in prompts for lang in world.judge.langs if lang != p.lang}):
         out[f"code_switch_rate_{lang}"] = sum(lang in f for f in foreign) / n
+    if per_sample:
+        out["switched"] = [bool(f) for f in foreign]
     if target_topic is not None:
         out["topic_share"] = sum(world_topic(world, c, p.lang) == target_topic for p, c in pairs) / n
     return out

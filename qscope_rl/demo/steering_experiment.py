@@ -3,7 +3,8 @@
 Fixed before any run:
 - code-switch suppression: prompts in English, the unwanted-language pack(s) (every other language's SASFT
   monolinguality pack), its top ``top`` features. Effect: the relative cut of the code-switch rate, judged by the
-  world's lexicon (the ground truth: a script judge would miss the Spanish switch the es pack suppresses).
+  world's lexicon (the ground truth: a script judge would miss the Spanish switch the es pack suppresses),
+  with its 95% bootstrap interval over held-out prompts (each with all its samples: switches cluster by prompt).
   The world's failures are rare (about 1% of English samples at its temperature), so each prompt is sampled
   ``samples`` times (8: 1,024 development and 2,048 held-out samples, the main job's count per policy); with
   one sample per prompt the held-out set had no switch left to cut (2026-12-03, v9 world). Strengths: add at
@@ -83,6 +84,26 @@ def sae_modes(rows: dict) -> dict:
     return {mode: row for mode, row in rows.items() if mode != DENSE}
 
 
+def cut_interval(base: list[bool], steered: list[bool], samples: int, boot: int = 2000,
+                 seed: int = 0) -> tuple[float, float, float]:
+    """(cut, lo, hi): the relative cut of the switch rate, 1 - steered / base, and its 95% bootstrap interval over
+    prompts (sample j is prompt j % n, each prompt sampled ``samples`` times in both arms; paired draws)."""
+    import numpy as np
+
+    from .stats import bootstrap_draws, ratio
+
+    if len(base) != len(steered) or len(base) % samples:
+        raise ValueError(f"cut_interval: {len(base)} and {len(steered)} flags are not the same prompts x "
+                         f"{samples} samples")
+    n_prompts = len(base) // samples
+
+    def per_prompt(flags):
+        return np.asarray(flags, dtype=float).reshape(samples, n_prompts).mean(0)[None]  # (1 seed, prompts)
+
+    r = ratio(per_prompt(steered), per_prompt(base), bootstrap_draws(1, n_prompts, boot, seed))
+    return 1 - r["value"], 1 - r["ci"][1], 1 - r["ci"][0]
+
+
 def choose(options: dict, cap: float):
     """The key whose (effect, ratio) has the largest effect with ratio <= cap, else the smallest ratio."""
     within = {k: v for k, v in options.items() if v[1] <= cap}
@@ -111,7 +132,8 @@ def _run_groups(world, sae, groups, mode: str, max_new_tokens: int = 48) -> list
                                temperature=world.temperature, progress=False)
     out, start = [], 0
     for prompts, _, topic in groups:
-        out.append(steering_metrics(world, prompts, completions[start:start + len(prompts)], model, tok, topic))
+        out.append(steering_metrics(world, prompts, completions[start:start + len(prompts)], model, tok, topic,
+                                    per_sample=True))
         start += len(prompts)
     return out
 
@@ -163,19 +185,23 @@ def code_switch_experiment(world, sae, n_dev: int = 128, n_test: int = 256, top:
     base = _run(world, sae, test, None, "add")
     log(f"unsteered: {round(base_dev['code_switch_rate'] * len(dev))} of {len(dev)} development samples switch, "
         f"{round(base['code_switch_rate'] * len(test))} of {len(test)} held-out ones (the world's lexicon)")
-    log(f"{'mode':<12} {'strength':>9} {'dev cut':>8} {'dev ppl x':>9} {'test cs':>8} {'cut':>7} {'ppl':>7} "
-        f"{'ppl x':>6} {'loops':>6} {'dist-2':>6} {'units':>5}")
-    log(f"{'unsteered':<12} {'':>9} {'':>8} {'':>9} {base['code_switch_rate']:>8.3f} {'':>7} "
+    log(f"{'mode':<12} {'strength':>9} {'dev cut':>8} {'dev ppl x':>9} {'test cs':>8} {'cut':>7} {'95% CI':>15} "
+        f"{'ppl':>7} {'ppl x':>6} {'loops':>6} {'dist-2':>6} {'units':>5}")
+    log(f"{'unsteered':<12} {'':>9} {'':>8} {'':>9} {base['code_switch_rate']:>8.3f} {'':>7} {'':>15} "
         f"{base['perplexity']:>7.1f} {'':>6} {degeneration(base)}")
     held = {}
     for mode in CS_STRENGTHS:
         m = _run(world, sae, test, alphas(mode, chosen[mode]), mode)
         cut, ratio = effect(base, m)
+        # over prompts, each with its `samples` draws: the switches are few, and clustered by prompt
+        _, lo, hi = cut_interval(base["switched"], m["switched"], samples)
         held[mode] = {"strength": chosen[mode], "code_switch_rate": m["code_switch_rate"], "reduction": cut,
+                      "reduction_ci": [lo, hi],
                       "perplexity": m["perplexity"], "ppl_ratio": ratio, "dev": list(dev_rows[mode]),
                       **{key: m[key] for key in DEGENERATION}}
         log(f"{mode:<12} {str(chosen[mode]):>9} {dev_rows[mode][0]:>8.1%} {dev_rows[mode][1]:>9.2f} "
-            f"{m['code_switch_rate']:>8.3f} {cut:>7.1%} {m['perplexity']:>7.1f} {ratio:>6.2f} {degeneration(m)}")
+            f"{m['code_switch_rate']:>8.3f} {cut:>7.1%} {f'[{lo:.1%}, {hi:.1%}]':>15} {m['perplexity']:>7.1f} "
+            f"{ratio:>6.2f} {degeneration(m)}")
     return {"unsteered": base, "modes": held, "headline": headline,
             "alphas": {mode: alphas(mode, chosen[mode]) for mode in CS_STRENGTHS}}
 

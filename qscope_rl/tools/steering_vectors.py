@@ -24,6 +24,8 @@ def mean_residual(model: nn.Module, tokenizer, texts: Sequence[str], layer: int,
     """(d,) the residual after decoder layer ``layer``, averaged over each text's tokens, then over the texts
     (each text counts once, whatever its length). Texts are truncated to ``max_length`` tokens."""
     texts = check_texts(texts, what)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     decoder_layer(model, layer)  # a clear error for a layer the model does not have, before any forward
     ids = [list(x) for x in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]]
     empty = [i for i, x in enumerate(ids) if not x]
@@ -65,8 +67,9 @@ def steer_vector(model: nn.Module, vector: Tensor, *, layer: int, strength: floa
         with steer_vector(model, v, layer=14, strength=-1.0):  # away from Chinese
             out = model.generate(**inputs)
     """
-    vector = torch.as_tensor(vector)
-    if not bool(torch.isfinite(vector).all()):
-        raise ValueError("the steering vector must be finite: it has NaN or infinite entries")
+    scaled = float(strength) * torch.as_tensor(vector)
+    if not bool(torch.isfinite(scaled).all()):
+        raise ValueError(f"the steering vector times strength {strength} must be finite: it has NaN or infinite "
+                         "entries")
     dtype = next(model.parameters()).dtype
-    return add_to_residual(model, layer, (float(strength) * vector).to(dtype), rows=rows, positions=positions)
+    return add_to_residual(model, layer, scaled.to(dtype), rows=rows, positions=positions)
