@@ -228,6 +228,10 @@ def bench_synthesize(world, sae, plots: Path | None, rounds: int = SYNTH_ROUNDS)
     for name in ("real", "twice_real", "real+random", "real+targeted"):
         r = down[name]
         print(f"  {name:<14} n_train {r['n_train']:>4}  F1 {r['f1']:.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}]")
+    for name in arms:
+        per_topic = [down[name]["synthetic_topics"].get(t, 0) for t in world.topics]
+        print(f"  {name}: {sum(per_topic)} of {len(arms[name])} synthetic texts labelled, per topic {min(per_topic)} "
+              f"to {max(per_topic)} ({', '.join(map(str, per_topic))}): macro-F1 weighs every topic alike")
     gain = gain_interval(down, "real+targeted", ["twice_real", "real+random"])
     print(f"  gain of real+targeted over the better of twice_real / real+random ({gain['against']}): "
           f"{gain['gain']:+.3f} [{gain['ci'][0]:+.3f}, {gain['ci'][1]:+.3f}]")

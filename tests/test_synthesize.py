@@ -168,10 +168,17 @@ def test_downstream_experiment_pieces(world):
     assert len(setting["real"]) == 16 and sum(d.lang == "zh" for d in setting["real"]) == 4
     assert len(setting["twice_real"]) == 32 and setting["real"] == setting["twice_real"][:16]
     assert not set(setting["reference"]) & {d.text for d in setting["tail_test"]}
-    extra = [d.text for d in world.documents("train") if d.lang == "zh"][:8]
+    clean_zh = [d for d in world.documents("train") if d.lang == "zh" and d.switch_char is None and d.loop_char is None]
+    extra = [d.text for d in clean_zh[:8]]
     result = downstream(world, setting, {"real+same": extra, "real+none": []}, boot=50)
     assert result["real+none"]["f1"] == result["real"]["f1"]  # nothing added: the same model
     assert result["real+same"]["n_train"] == 16 + 8
+    # the synthetic texts' judged topics, counted per topic (the documents are labelled, so their own topics)
+    expected = {}
+    for d in clean_zh[:8]:
+        expected[d.topic] = expected.get(d.topic, 0) + 1
+    assert result["real+same"]["synthetic_topics"] == expected and result["real+none"]["synthetic_topics"] == {}
+    assert "synthetic_topics" not in result["real"]
     assert all(r["ci"][0] <= r["f1"] + 1e-9 or r["ci"][0] <= r["ci"][1] for k, r in result.items() if k[0] != "_")
     gain = gain_interval(result, "real+same", ["real", "real+none"])
     assert gain["ci"][0] <= gain["gain"] <= gain["ci"][1] or gain["ci"][0] == gain["ci"][1]

@@ -78,16 +78,22 @@ def downstream(world, setting: dict, arms: dict[str, list[str]], *, boot: int = 
 
     ``arms``: {name: synthetic texts added to the real data} (an empty list: the real data alone); "twice_real"
     is added here. Synthetic texts are labelled by the world's topic judge (unlabelled ones are dropped).
-    Returns per arm: F1, its 95% bootstrap interval, the training size; and the bootstrap distribution's
+    Returns per arm: F1, its 95% bootstrap interval, the training size, for a synthetic arm its texts' judged topics
+    counted ({topic: n}, ``synthetic_topics``); and the bootstrap distribution's
     paired differences are available through ``gain_interval``.
     """
     from qscope_rl.features.classifier import macro_f1
 
     real = [(d.text, d.topic) for d in setting["real"]]
     sets = {"real": real, "twice_real": [(d.text, d.topic) for d in setting["twice_real"]]}
+    synthetic_topics = {}
     for name, texts in arms.items():
         labelled = [(t, judged_topic(world, t)) for t in texts if t.strip()]
         sets[name] = real + [(t, y) for t, y in labelled if y is not None]
+        synthetic_topics[name] = {}
+        for _, y in labelled:  # how balanced the added classes are: macro-F1 weighs every topic alike
+            if y is not None:
+                synthetic_topics[name][y] = synthetic_topics[name].get(y, 0) + 1
     test = setting["tail_test"]
     truth = [d.topic for d in test]
     classes = sorted(world.topics)
@@ -101,6 +107,8 @@ def downstream(world, setting: dict, arms: dict[str, list[str]], *, boot: int = 
     for name, p in preds.items():
         lo, hi = dist[name].quantile(torch.tensor([0.025, 0.975], dtype=dist[name].dtype)).tolist()
         out[name] = {"f1": macro_f1(truth, p, classes), "ci": [lo, hi], "n_train": len(sets[name])}
+        if name in synthetic_topics:
+            out[name]["synthetic_topics"] = synthetic_topics[name]
     out["_bootstrap"] = dist
     return out
 
