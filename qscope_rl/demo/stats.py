@@ -1,4 +1,4 @@
-"""Statistics of the main job: bootstrap intervals over prompts and seeds, ratios, and sample efficiency.
+"""Statistics of the main job: bootstrap intervals over prompts and seeds, ratios, sample efficiency, and power.
 
 A policy's held-out measurement is a matrix (seeds, prompts) of per-prompt means (each prompt sampled
 several times). An interval resamples seeds and prompts with replacement (the same prompt draw for every
@@ -82,3 +82,33 @@ def half_step(curves: list[list[float]], baseline: list[list[float]], window: in
 
 def overlap(a: tuple[float, float], b: tuple[float, float]) -> bool:
     return not (a[1] < b[0] or b[1] < a[0])
+
+
+# Power (benchmarks/demo_power.py): with n seeds per arm, the log of two arms' mean ratio has a standard error of about
+# sqrt(2 / n) * CV (delta method; CV the between-seed coefficient of variation of one arm's rate). A planning
+# figure: it treats seeds as the only unit, where the report's intervals also resample prompts.
+_Z = 1.959963984540054 + 0.8416212335729143  # two-sided 5% level, 80% power
+
+
+def pooled_cv(per_seed: list[list[float]]) -> float:
+    """Root mean square over arms of each arm's between-seed CV (sd with ddof 1 / mean); all-zero arms skipped."""
+    cvs = []
+    for values in per_seed:
+        values = np.asarray(values, dtype=float)
+        if len(values) < 2:
+            raise ValueError(f"a between-seed CV needs at least two seeds per arm, got {len(values)}")
+        if values.mean() > 0:
+            cvs.append(values.std(ddof=1) / values.mean())
+    return float(np.sqrt(np.mean(np.square(cvs)))) if cvs else math.nan
+
+
+def seeds_needed(cv: float, ratio: float) -> int:
+    """Seeds per arm to resolve a true ratio of two arms' rates (80% power, 5% level)."""
+    if not 0 < ratio < 1:
+        raise ValueError(f"the ratio to resolve must be in (0, 1), got {ratio}")
+    return math.ceil(2 * cv ** 2 * _Z ** 2 / math.log(ratio) ** 2 - 1e-9)
+
+
+def detectable_ratio(cv: float, seeds: int) -> float:
+    """The ratio (< 1) that ``seeds`` per arm resolve with 80% power at the 5% level."""
+    return math.exp(-_Z * cv * math.sqrt(2 / seeds))
