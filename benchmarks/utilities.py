@@ -83,9 +83,8 @@ from _measure import built_world  # noqa: E402
 
 THROUGHPUT_PAIRS = 4
 DRAWS = 10  # redundancy: draws of the benchmark documents (draw 0 is the headline, the rest show the spread)
-# redundancy: ablated models in the reference's family. With 24 (until 2026-12-06) its halves of 12 ranked the
-# benchmarks alike at Spearman 0.745 ± 0.098 over the draws, halves of 48 at 0.826 ± 0.072 (seed-0 world, AMD
-# build; docs/utilities/v9/redundancy_amd_*_models.txt): a reference must agree with itself to be checked against
+# redundancy: the reference's ablated models. With 24 (until 2026-12-06) its halves agreed at Spearman 0.745, with 96
+# at 0.826 (docs/utilities/v9/redundancy_amd_*_models.txt): a reference must agree with itself to be checked against
 FAMILY = 96
 SYNTH_ROUNDS = 16  # synthesize: attempts per target at most (the matched budget is what they use); at 8 the
 # targeted run stalled at 87.5% on the default world (2026-12-02), leaving samples-to-90% undefined
