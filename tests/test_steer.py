@@ -374,3 +374,22 @@ def test_the_cut_interval_resamples_prompts_with_all_their_samples():
     assert cut == pytest.approx(0.2) and 0 <= lo < 0.2 < hi <= 1
     with pytest.raises(ValueError, match="samples"):
         cut_interval(base, steered[:-1], samples)
+
+
+def test_the_dense_arm_steers_at_any_layer_and_the_sae_arms_only_at_theirs(world):
+    from qscope_rl.demo.steering_experiment import DENSE, steering
+    from qscope_rl.hooks import capture_residual, decoder_layers
+
+    sae = load_sae(world.sae_dir, layer=world.layer)
+    other = (world.layer + 1) % len(decoder_layers(world.model))
+    vector = torch.ones(world.model.config.hidden_size)
+    ids = world.tokenizer([d.text for d in world.documents("heldout")[:2]], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        with capture_residual(world.model, other) as plain:
+            world.model(**ids)
+        with steering(world.model, sae, 0.5 * vector, DENSE, layer=other), \
+                capture_residual(world.model, other) as edited:
+            world.model(**ids)
+    torch.testing.assert_close(edited.last, plain.last + 0.5 * vector)
+    with pytest.raises(ValueError, match=f"SAE's layer {world.layer}, not at layer {other}"):
+        steering(world.model, sae, {3: 1.0}, "add", layer=other)

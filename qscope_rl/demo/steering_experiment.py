@@ -62,14 +62,16 @@ def alphas_for(pack, mode: str, strength, top: int) -> dict[int, float]:
     return relative_strengths(pack, strength, top=top)
 
 
-def steering(model, sae, alphas, mode: str, rows=None):
+def steering(model, sae, alphas, mode: str, rows=None, layer: int | None = None):
     """The context manager of one arm: SAE features through ``steer`` (``alphas``: {feature: strength}), or for
-    the DiffMean arm a dense vector (``alphas``: the scaled vector) at the SAE's layer."""
+    the DiffMean arm a dense vector (``alphas``: the scaled vector) at ``layer`` (default: the SAE's)."""
     from qscope_rl.tools.steered_generation import steer
     from qscope_rl.tools.steering_vectors import steer_vector
 
     if mode == DENSE:
-        return steer_vector(model, alphas, layer=sae.layer, rows=rows)
+        return steer_vector(model, alphas, layer=sae.layer if layer is None else layer, rows=rows)
+    if layer is not None and layer != sae.layer:
+        raise ValueError(f"SAE features steer at their SAE's layer {sae.layer}, not at layer {layer}")
     return steer(model, sae, alphas, mode=mode, rows=rows)
 
 
@@ -112,7 +114,7 @@ def choose(options: dict, cap: float):
     return min(options, key=lambda k: options[k][1])
 
 
-def _run_groups(world, sae, groups, mode: str, max_new_tokens: int = 48) -> list[dict]:
+def _run_groups(world, sae, groups, mode: str, max_new_tokens: int = 48, layer: int | None = None) -> list[dict]:
     """One generate call for every group's prompts, each group's rows steered with its own features (a
     ``steer`` restricted to its rows; None: unsteered), then each group judged on its own. ``groups``: a list of
     (prompts, alphas or None, target topic or None). Every hook is removed on exit (ExitStack)."""
@@ -124,7 +126,7 @@ def _run_groups(world, sae, groups, mode: str, max_new_tokens: int = 48) -> list
         start = 0
         for prompts, alphas, _ in groups:
             if alphas is not None:
-                stack.enter_context(steering(model, sae, alphas, mode, rows=range(start, start + len(prompts))))
+                stack.enter_context(steering(model, sae, alphas, mode, range(start, start + len(prompts)), layer))
             start += len(prompts)
         # one batch: the row restrictions index the whole call's rows
         # at the world's decoding temperature, where its failures are as rare as the regime says
@@ -206,6 +208,12 @@ def code_switch_experiment(world, sae, n_dev: int = 128, n_test: int = 256, top:
             "alphas": {mode: alphas(mode, chosen[mode]) for mode in CS_STRENGTHS}}
 
 
+def topic_split(world, n_dev: int, n_test: int, rng: random.Random) -> dict:
+    """{topic: (development prompts, held-out prompts)}, each drawn from the other topics' prompts."""
+    return {t: (rng.sample([p for p in world.prompts("train") if p.topic != t], n_dev),
+                rng.sample([p for p in world.prompts("heldout") if p.topic != t], n_test)) for t in world.topics}
+
+
 def topic_experiment(world, sae, n_dev: int = 24, n_test: int = 64, top: int = 8, seed: int = 0, log=print) -> dict:
     rng = random.Random(seed)
     packs = {t: world_topic_pack(world, sae, t) for t in world.topics}
@@ -215,10 +223,7 @@ def topic_experiment(world, sae, n_dev: int = 24, n_test: int = 64, top: int = 8
         return dense_strength(strength) * vectors[topic] if mode == DENSE else alphas_for(packs[topic], mode,
                                                                                           strength, top)
 
-    split = {}
-    for t in world.topics:
-        split[t] = (rng.sample([p for p in world.prompts("train") if p.topic != t], n_dev),
-                    rng.sample([p for p in world.prompts("heldout") if p.topic != t], n_test))
+    split = topic_split(world, n_dev, n_test, rng)
 
     bases = {}
     for which in (0, 1):  # all topics' prompts in one call
