@@ -23,13 +23,12 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
-from qscope_rl.hooks import ForwardToLayer
 from qscope_rl.sae.autoencoder import SparseActs, SparseAutoencoder
 from qscope_rl.sae.identity import sae_digest
 
 from .feature_pack import Feature, FeaturePack, texts_sha256
+from .text_features import layer_batches, pad_id
 
 RANK_BY = ("p_fire", "mean_diff")
 
@@ -49,31 +48,17 @@ class _TokenBatch:
 
 @torch.no_grad()
 def _encode_sequences(model: nn.Module, sae: SparseAutoencoder, layer: int, sequences: Sequence[Sequence[int]],
-                      batch_size: int, pad_id: int, desc: str) -> Iterator[_TokenBatch]:
+                      batch_size: int, pad: int, desc: str) -> Iterator[_TokenBatch]:
     """Forward right-padded batches of token ids up to ``layer`` and sparse-encode every real token."""
-    device = next(model.parameters()).device
-    with ForwardToLayer(model, layer) as forward:
-        for start in tqdm(range(0, len(sequences), batch_size), desc=desc, leave=False):
-            batch = sequences[start:start + batch_size]
-            lengths = torch.tensor([len(s) for s in batch])
-            mask = torch.arange(int(lengths.max())) < lengths[:, None]  # (B, T), right padding
-            input_ids = torch.full(mask.shape, pad_id, dtype=torch.long)
-            input_ids[mask] = torch.tensor([t for s in batch for t in s], dtype=torch.long)
-            residual = forward.run(input_ids=input_ids.to(device), attention_mask=mask.long().to(device),
-                                   use_cache=False)
-            hidden = residual[mask.to(device)].to(sae.W_enc.device)  # (N, d_in)
-            row, pos = mask.nonzero(as_tuple=True)
-            yield _TokenBatch(sae.encode_sparse(hidden), hidden, row + start, pos)
+    for start, mask, residual in layer_batches(model, layer, sequences, batch_size, pad, desc=desc, progress=True):
+        hidden = residual[mask.to(residual.device)].to(sae.W_enc.device)  # (N, d_in)
+        row, pos = mask.nonzero(as_tuple=True)
+        yield _TokenBatch(sae.encode_sparse(hidden), hidden, row + start, pos)
 
 
 def _tokenize(tokenizer, texts: Sequence[str], max_length: int) -> list[list[int]]:
     ids = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
     return [list(x) for x in ids]
-
-
-def _pad_id(tokenizer) -> int:
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return 0 if pad is None else int(pad)
 
 
 def _layer(sae: SparseAutoencoder, layer: int | None) -> int:
@@ -180,7 +165,7 @@ def _check_texts(texts, what: str) -> list[str]:
 def _collect(model, tokenizer, sae, layer, texts, batch_size, max_length, desc) -> _FeatureStats:
     stats = _FeatureStats(sae)
     sequences = [s for s in _tokenize(tokenizer, texts, max_length) if s]
-    for batch in _encode_sequences(model, sae, layer, sequences, batch_size, _pad_id(tokenizer), desc):
+    for batch in _encode_sequences(model, sae, layer, sequences, batch_size, pad_id(tokenizer), desc):
         stats.add(batch.acts, batch.hidden, batch.row)
     if stats.n_tokens == 0:
         raise ValueError(f"{desc}: the texts tokenize to nothing")
@@ -326,7 +311,7 @@ def discover_repetition_features(model: nn.Module, tokenizer, sae: SparseAutoenc
     first_mask = torch.tensor([m + [False] * (width - len(m)) for m in first_masks])  # (n, width)
     last_mask = torch.tensor([m + [False] * (width - len(m)) for m in last_masks])
     first, last = _FeatureStats(sae), _FeatureStats(sae)
-    for batch in _encode_sequences(model, sae, layer, sequences, batch_size, _pad_id(tokenizer),
+    for batch in _encode_sequences(model, sae, layer, sequences, batch_size, pad_id(tokenizer),
                                    "features: repetitions"):
         for stats, mask in ((first, first_mask), (last, last_mask)):
             where = mask[batch.row, batch.pos]

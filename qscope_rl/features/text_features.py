@@ -12,7 +12,7 @@ layer, sparse-encodes every real token and pools per text:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
 import torch
@@ -62,6 +62,38 @@ def check_texts(texts, what: str = "texts") -> list[str]:
     return texts
 
 
+def pad_id(tokenizer) -> int:
+    """The id padding fills batches with: the pad token, else end-of-text, else 0 (masked out either way)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return 0 if pad is None else int(pad)
+
+
+def token_ids(tokenizer, texts: Sequence[str], max_length: int, what: str = "texts") -> list[list[int]]:
+    """Each text's token ids, truncated to ``max_length``; a ValueError naming the texts that tokenize to nothing."""
+    ids = [list(x) for x in tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]]
+    empty = [i for i, x in enumerate(ids) if not x]
+    if empty:
+        raise ValueError(f"{what} {empty[:10]} tokenize to nothing")
+    return ids
+
+
+@torch.no_grad()
+def layer_batches(model: nn.Module, layer: int, ids: Sequence[Sequence[int]], batch_size: int, pad: int, *,
+                  desc: str = "forward", progress: bool = False) -> Iterator[tuple[int, Tensor, Tensor]]:
+    """(start, mask (B, T), residual (B, T, d)) for right-padded batches of token ids, the forward stopped after
+    ``layer``; its hooks go when the loop ends or is left (the generator closes the ``with``)."""
+    device = next(model.parameters()).device
+    with ForwardToLayer(model, layer) as forward:
+        for start in tqdm(range(0, len(ids), batch_size), desc=desc, leave=False, disable=not progress):
+            batch = ids[start:start + batch_size]
+            lengths = torch.tensor([len(s) for s in batch])
+            mask = torch.arange(int(lengths.max())) < lengths[:, None]  # (B, T), right padding
+            input_ids = torch.full(mask.shape, pad, dtype=torch.long)
+            input_ids[mask] = torch.tensor([t for s in batch for t in s], dtype=torch.long)
+            yield start, mask, forward.run(input_ids=input_ids.to(device), attention_mask=mask.long().to(device),
+                                           use_cache=False)
+
+
 @torch.no_grad()
 def encode_texts(model: nn.Module, tokenizer, sae: SparseAutoencoder, texts: Sequence[str], *,
                  layer: int | None = None, batch_size: int = 32, max_length: int = 256,
@@ -76,38 +108,27 @@ def encode_texts(model: nn.Module, tokenizer, sae: SparseAutoencoder, texts: Seq
     if skip_tokens is not None and len(skip_tokens) != len(texts):
         raise ValueError(f"skip_tokens has {len(skip_tokens)} entries for {len(texts)} texts")
     layer = sae_layer(sae, layer)
-    ids = [list(x) for x in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]]
-    empty = [i for i, x in enumerate(ids) if not x]
-    if empty:
-        raise ValueError(f"texts {empty[:10]} tokenize to nothing")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    device = next(model.parameters()).device
+    ids = token_ids(tokenizer, texts, max_length)
     max_acts, last_v, last_i, means = [], [], [], []
-    with ForwardToLayer(model, layer) as forward:
-        for start in tqdm(range(0, len(ids), batch_size), desc=desc, leave=False, disable=not progress):
-            batch = ids[start:start + batch_size]
-            lengths = torch.tensor([len(s) for s in batch])
-            mask = torch.arange(int(lengths.max())) < lengths[:, None]  # (B, T), right padding
-            input_ids = torch.full(mask.shape, int(pad), dtype=torch.long)
-            input_ids[mask] = torch.tensor([t for s in batch for t in s])
-            residual = forward.run(input_ids=input_ids.to(device), attention_mask=mask.long().to(device),
-                                   use_cache=False)
-            hidden = residual.to(sae.W_enc.device, sae.W_enc.dtype)  # (B, T, d_in)
-            acts = sae.encode_sparse(hidden[mask.to(hidden.device)])  # (N, k) real tokens only
-            row, pos = (x.to(hidden.device) for x in mask.nonzero(as_tuple=True))  # (N,) text and position
-            skip = torch.zeros(len(batch), dtype=torch.long) if skip_tokens is None else \
-                torch.tensor(list(skip_tokens[start:start + len(batch)])).clamp(max=lengths - 1)
-            pooled_mask = mask & (torch.arange(mask.shape[1]) >= skip[:, None])  # (B, T) tokens that count
-            keep = (pos >= skip.to(hidden.device)[row]).unsqueeze(-1)
-            pooled = torch.zeros(len(batch), sae.d_sae, device=hidden.device, dtype=acts.values.dtype)
-            flat = (row[:, None] * sae.d_sae + acts.indices).flatten()
-            pooled.view(-1).scatter_reduce_(0, flat, (acts.values * keep).flatten(), reduce="amax")
-            max_acts.append(pooled.cpu())
-            end = (torch.cumsum(lengths, 0) - 1).to(hidden.device)  # last real token of each text
-            last_v.append(acts.values[end].cpu())
-            last_i.append(acts.indices[end].cpu())
-            m = pooled_mask.to(hidden.device).unsqueeze(-1)
-            means.append(((hidden * m).sum(1) / m.sum(1)).cpu())
+    for start, mask, residual in layer_batches(model, layer, ids, batch_size, pad_id(tokenizer), desc=desc,
+                                               progress=progress):
+        n, lengths = mask.shape[0], mask.sum(1)
+        hidden = residual.to(sae.W_enc.device, sae.W_enc.dtype)  # (B, T, d_in)
+        acts = sae.encode_sparse(hidden[mask.to(hidden.device)])  # (N, k) real tokens only
+        row, pos = (x.to(hidden.device) for x in mask.nonzero(as_tuple=True))  # (N,) text and position
+        skip = torch.zeros(n, dtype=torch.long) if skip_tokens is None else \
+            torch.tensor(list(skip_tokens[start:start + n])).clamp(max=lengths - 1)
+        pooled_mask = mask & (torch.arange(mask.shape[1]) >= skip[:, None])  # (B, T) tokens that count
+        keep = (pos >= skip.to(hidden.device)[row]).unsqueeze(-1)
+        pooled = torch.zeros(n, sae.d_sae, device=hidden.device, dtype=acts.values.dtype)
+        flat = (row[:, None] * sae.d_sae + acts.indices).flatten()
+        pooled.view(-1).scatter_reduce_(0, flat, (acts.values * keep).flatten(), reduce="amax")
+        max_acts.append(pooled.cpu())
+        end = (torch.cumsum(lengths, 0) - 1).to(hidden.device)  # last real token of each text
+        last_v.append(acts.values[end].cpu())
+        last_i.append(acts.indices[end].cpu())
+        m = pooled_mask.to(hidden.device).unsqueeze(-1)
+        means.append(((hidden * m).sum(1) / m.sum(1)).cpu())
     return TextFeatures(torch.cat(max_acts), SparseActs(torch.cat(last_v), torch.cat(last_i)),
                         torch.cat(means), torch.tensor([len(x) for x in ids]))
 

@@ -14,8 +14,8 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from qscope_rl.features.text_features import check_texts
-from qscope_rl.hooks import ForwardToLayer, ResidualEdit, add_to_residual, decoder_layer
+from qscope_rl.features.text_features import check_texts, layer_batches, pad_id, token_ids
+from qscope_rl.hooks import ResidualEdit, add_to_residual, decoder_layer
 
 
 @torch.no_grad()
@@ -27,25 +27,11 @@ def mean_residual(model: nn.Module, tokenizer, texts: Sequence[str], layer: int,
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     decoder_layer(model, layer)  # a clear error for a layer the model does not have, before any forward
-    ids = [list(x) for x in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]]
-    empty = [i for i, x in enumerate(ids) if not x]
-    if empty:
-        raise ValueError(f"{what} {empty[:10]} tokenize to nothing")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    device = next(model.parameters()).device
-    total = None
-    with ForwardToLayer(model, layer) as forward:
-        for start in range(0, len(ids), batch_size):
-            batch = ids[start:start + batch_size]
-            lengths = torch.tensor([len(s) for s in batch])
-            mask = torch.arange(int(lengths.max())) < lengths[:, None]  # (B, T), right padding
-            input_ids = torch.full(mask.shape, int(pad), dtype=torch.long)
-            input_ids[mask] = torch.tensor([t for s in batch for t in s])
-            hidden = forward.run(input_ids=input_ids.to(device), attention_mask=mask.long().to(device),
-                                 use_cache=False).float()
-            m = mask.to(hidden.device).unsqueeze(-1)
-            per_text = ((hidden * m).sum(1) / m.sum(1)).sum(0)  # (d,) sum of this batch's text means
-            total = per_text if total is None else total + per_text
+    ids = token_ids(tokenizer, texts, max_length, what)
+    total = 0
+    for _, mask, residual in layer_batches(model, layer, ids, batch_size, pad_id(tokenizer)):
+        hidden, m = residual.float(), mask.to(residual.device).unsqueeze(-1)
+        total = total + ((hidden * m).sum(1) / m.sum(1)).sum(0)  # (d,) plus this batch's text means
     return total / len(ids)
 
 
