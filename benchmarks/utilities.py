@@ -52,19 +52,19 @@ from qscope_rl.demo.classify_tasks import TASKS, world_classification
 from qscope_rl.demo.measures import format_curve
 from qscope_rl.demo.redundancy_benchmarks import (
     ASYMMETRIC_PAIR,
+    benchmark_draws,
     designed_redundancy,
     min_cell_size,
     model_family_scores,
     reference_reliability,
     spearman,
-    world_benchmarks,
 )
 from qscope_rl.demo.steering_experiment import code_switch_experiment, steering, topic_experiment
 from qscope_rl.demo.synthesis_experiment import downstream, gain_interval, synthesis_setting
 from qscope_rl.features.text_features import encode_texts
 from qscope_rl.sae.loaders import load_sae
 from qscope_rl.tools.classify import plot_curve
-from qscope_rl.tools.redundancy import compare_footprints, footprints_of, performance_redundancy
+from qscope_rl.tools.redundancy import compare_footprints, footprints_of
 from qscope_rl.tools.steered_generation import generate
 from qscope_rl.tools.synthesize import (
     feature_coverage,
@@ -246,16 +246,13 @@ def bench_synthesize(world, sae, plots: Path | None, rounds: int = SYNTH_ROUNDS)
                                                                    "real+targeted")}}
 
 
-def redundancy_draws(world, prints, scores, per_benchmark: int) -> dict:
-    """Over DRAWS draws of the benchmarks' documents: Spearman(R, performance-based redundancy), Spearman(overlap,
-    true overlap), Spearman(R, designed redundancy); with the first draw's report and performance-based
-    redundancies."""
+def redundancy_draws(world, prints, draws) -> dict:
+    """Over the draws: Spearman(R, performance-based redundancy), Spearman(overlap, true overlap), Spearman(R,
+    designed redundancy); with the first draw's report and performance-based redundancies."""
     rhos, overlap_rhos, r_designed, first = [], [], [], None
     designed = designed_redundancy(world)
-    for draw in range(DRAWS):
-        index, truth = world_benchmarks(world, per_benchmark=per_benchmark, seed=draw)
+    for index, truth, perf in draws:
         report = compare_footprints({n: [prints[i] for i in idx] for n, idx in index.items()})
-        perf = [performance_redundancy(scores[idx], seed=draw) for idx in index.values()]
         rhos.append(spearman(report.redundancy, perf))
         r_designed.append(spearman(report.redundancy, [designed[n] for n in report.names]))
         pos = {n: i for i, n in enumerate(report.names)}
@@ -271,15 +268,13 @@ def redundancy_draws(world, prints, scores, per_benchmark: int) -> dict:
             "asymmetric": (ab, ba), "r_designed": r_designed}
 
 
-def reference_checks(world, scores, per_benchmark: int) -> dict:
-    """Over DRAWS draws: the performance-based redundancy's reliability (its two halves of the model family
-    against each other) and its Spearman with the designed redundancy."""
+def reference_checks(world, scores, draws) -> dict:
+    """Over the draws: the performance-based redundancy's reliability (its two halves of the model family against
+    each other) and its Spearman with the designed redundancy."""
     designed = designed_redundancy(world)
     reliability, validity = [], []
-    for draw in range(DRAWS):
-        index, _ = world_benchmarks(world, per_benchmark=per_benchmark, seed=draw)
+    for draw, (index, _, perf) in enumerate(draws):
         reliability.append(reference_reliability(scores, index, seed=draw))
-        perf = [performance_redundancy(scores[idx], seed=draw) for idx in index.values()]
         validity.append(spearman(perf, [designed[n] for n in index]))
     mean_sd = lambda xs: f"{statistics.fmean(xs):.3f} ± {statistics.stdev(xs):.3f}"  # noqa: E731
     print(f"the reference itself: its two halves ({scores.shape[1] // 2} models each) rank the benchmarks at Spearman "
@@ -302,9 +297,10 @@ def bench_redundancy(world, sae, plots: Path | None, models: int = FAMILY) -> di
     # 48 documents per benchmark (v1 default world), at most what the smallest (topic, language) cell holds
     per_benchmark = min(48 if len(docs) >= 800 else 16, min_cell_size(world))
     a, b = ASYMMETRIC_PAIR
-    out = reference_checks(world, scores, per_benchmark)
+    draws = benchmark_draws(world, scores, per_benchmark, DRAWS)  # shared by both footprints and the checks
+    out = reference_checks(world, scores, draws)
     for where, suffix in (("last", ""), ("any", "_any")):
-        r = redundancy_draws(world, prints[where], scores, per_benchmark)
+        r = redundancy_draws(world, prints[where], draws)
         rhos, overlap_rhos, report, perf, truth = r["rhos"], r["overlap_rhos"], r["report"], r["perf"], r["truth"]
         ab, ba = r["asymmetric"]
         print(f"\n### footprint at {'the last token (the report)' if where == 'last' else 'any token (ours)'}")

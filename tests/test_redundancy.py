@@ -200,3 +200,16 @@ def test_reference_reliability_is_the_agreement_of_two_halves_of_the_model_famil
     assert reference_reliability(twin, index) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="two halves of at least 3 models"):
         reference_reliability(scores[:, :5], index)
+
+
+def test_benchmark_draws_are_the_seeded_benchmarks_and_their_reference(world):
+    from qscope_rl.demo.redundancy_benchmarks import benchmark_draws, world_benchmarks
+    from qscope_rl.tools.redundancy import performance_redundancy
+
+    n = len(world.documents("heldout"))
+    scores = torch.randn(n, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    draws = benchmark_draws(world, scores, per_benchmark=8, draws=2)
+    assert len(draws) == 2
+    for d, (index, truth, perf) in enumerate(draws):
+        assert (index, truth) == world_benchmarks(world, per_benchmark=8, seed=d)
+        assert perf == [performance_redundancy(scores[idx], seed=d) for idx in index.values()]

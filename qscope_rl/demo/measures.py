@@ -29,7 +29,7 @@ def topic_contrast(world, topic: str, n_texts: int = 300, seed: int = 0) -> tupl
     docs, rng = clean_documents(world), random.Random(seed)
     pos = [d.text for d in docs if d.topic == topic]
     neg = [d.text for d in docs if d.topic != topic]
-    return rng.sample(pos, min(n_texts, len(pos))), rng.sample(neg, min(2 * n_texts, len(neg)))
+    return _sample(pos, n_texts, rng), _sample(neg, 2 * n_texts, rng)
 
 
 def world_topic_pack(world, sae, topic: str, n_texts: int = 300, top_k: int = 16, seed: int = 0):

@@ -105,6 +105,18 @@ def world_benchmarks(world, per_benchmark: int = 48, seed: int = 0, duplicates: 
     return out, truth
 
 
+def benchmark_draws(world, scores: torch.Tensor, per_benchmark: int, draws: int):
+    """Per draw ``d`` of the benchmarks' documents (``world_benchmarks`` seeded ``d``): (index, true overlap, the
+    performance-based redundancy of each benchmark from ``scores``, its subsets seeded ``d``)."""
+    from qscope_rl.tools.redundancy import performance_redundancy
+
+    out = []
+    for draw in range(draws):
+        index, truth = world_benchmarks(world, per_benchmark=per_benchmark, seed=draw)
+        out.append((index, truth, [performance_redundancy(scores[idx], seed=draw) for idx in index.values()]))
+    return out
+
+
 @torch.no_grad()
 def document_losses(model, tokenizer, texts, batch_size: int = 32) -> torch.Tensor:
     """(n,) mean next-token loss of each text under ``model``."""
