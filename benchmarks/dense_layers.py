@@ -27,8 +27,8 @@ from qscope_rl.demo.steering_experiment import (
     DENSE,
     TOPIC_CAP,
     TOPIC_STRENGTHS,
-    _run_groups,
     dense_strength,
+    run_groups,
     topic_split,
 )
 from qscope_rl.hooks import decoder_layers
@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     world = built_world(args.world_dir) if args.world_dir else load_world(args.world_size)
     sae = load_sae(world.sae_dir, layer=world.layer)
     test = {t: prompts for t, (_, prompts) in topic_split(world, 24, args.n_test, random.Random(0)).items()}
-    base = dict(zip(world.topics, _run_groups(world, sae, [(test[t], None, t) for t in world.topics], "add")))
+    base = dict(zip(world.topics, run_groups(world, sae, [(test[t], None, t) for t in world.topics], "add")))
     unsteered = sum(m["topic_share"] for m in base.values()) / len(base)
     print(f"world at {world.path}: {len(decoder_layers(world.model))} layers, the SAE at layer {world.layer}; "
           f"{args.n_test} held-out prompts per topic; unsteered on topic {unsteered:.3f}")
@@ -63,7 +63,7 @@ def main(argv=None) -> int:
     for layer in range(len(decoder_layers(world.model))):
         vectors = {t: world_topic_vector(world, layer, t) for t in world.topics}
         for strength in TOPIC_STRENGTHS[DENSE]:
-            runs = _run_groups(world, sae, [(test[t], dense_strength(strength) * vectors[t], t) for t in world.topics],
+            runs = run_groups(world, sae, [(test[t], dense_strength(strength) * vectors[t], t) for t in world.topics],
                                DENSE, layer=layer)
             share = sum(m["topic_share"] for m in runs) / len(runs)
             ratio = sum(m["perplexity"] / base[t]["perplexity"] for t, m in zip(world.topics, runs)) / len(runs)

@@ -24,7 +24,7 @@ from .hooks import (  # noqa: E402
 from .sae import QWEN_SCOPE_RELEASES, Release, SAELoadError, SparseActs, SparseAutoencoder, find_release, load_sae  # noqa: E402
 from .tools.steering import steer  # noqa: E402
 
-__version__ = "0.1.0"
+__version__ = "0.4.3"
 
 __all__ = [
     "ForwardToLayer",

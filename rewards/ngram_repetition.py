@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from qscope_rl.judges import ngram_repeat_ratio
 
+from ._numbers import checked_number
 from ._text import completion_text
 
 
@@ -20,11 +21,9 @@ class NgramRepetitionPenalty:
     __name__ = "ngram_repetition"
 
     def __init__(self, n: int = 3, max_penalty: float = -1.0):
-        if max_penalty > 0:
-            raise ValueError(f"max_penalty must be <= 0, got {max_penalty}")
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
-        self.n, self.max_penalty = n, max_penalty
+        self.n, self.max_penalty = n, checked_number("max_penalty", max_penalty, at_most=0.0)
 
     def __call__(self, completions, **kwargs) -> list[float]:
         return [self.max_penalty * ngram_repeat_ratio(completion_text(c), self.n) for c in completions]

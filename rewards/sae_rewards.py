@@ -9,6 +9,7 @@ Write your own by reading the same column::
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping
 
 import torch
@@ -17,6 +18,8 @@ from qscope_rl.features.classifier import FeatureClassifier
 from qscope_rl.features.detection import code_switch_scores, repetition_scores
 from qscope_rl.features.feature_pack import FeaturePack
 from qscope_rl.features.probe import completion_probe_tail, probe_scores
+
+from ._numbers import checked_number
 
 
 def _activations(kwargs, name: str):
@@ -48,7 +51,8 @@ class SAECodeSwitchPenalty:
     def __init__(self, feature_pack: FeaturePack | str, weight: float = 1.0, use_pre: bool = False,
                  threshold: float = 0.0):
         self.feature_pack = _pack(feature_pack)
-        self.weight, self.use_pre, self.threshold = weight, use_pre, threshold
+        self.weight, self.use_pre = checked_number("weight", weight, at_least=0.0), use_pre
+        self.threshold = checked_number("threshold", threshold)
 
     def __call__(self, completions, **kwargs) -> list[float]:
         rewards = []
@@ -70,7 +74,7 @@ class SAERepetitionPenalty:
 
     def __init__(self, feature_pack: FeaturePack | str, weight: float = 1.0):
         self.feature_pack = _pack(feature_pack)
-        self.weight = weight
+        self.weight = checked_number("weight", weight, at_least=0.0)
 
     def __call__(self, completions, **kwargs) -> list[float]:
         return [-self.weight * float(repetition_scores(acts, self.feature_pack).per_completion[0])
@@ -94,7 +98,7 @@ class SAEProbePenalty:
     def __init__(self, probe: FeatureClassifier | str, weight: float = 1.0):
         self.probe = probe if isinstance(probe, FeatureClassifier) else FeatureClassifier.load(probe)
         completion_probe_tail(self.probe)  # a max_acts classifier is refused here, not at the first reward call
-        self.weight = weight
+        self.weight = checked_number("weight", weight, at_least=0.0)
 
     def __call__(self, completions, **kwargs) -> list[float]:
         return [-self.weight * float(probe_scores(acts, self.probe).sigmoid()[0])
@@ -118,8 +122,11 @@ class SAEFeatureReward:
             raise ValueError("SAEFeatureReward needs at least one feature weight")
         if reduce not in ("mean", "max"):
             raise ValueError(f"reduce must be 'mean' or 'max', got {reduce!r}")
+        odd = [i for i in features if isinstance(i, bool) or not isinstance(i, numbers.Integral)]
+        if odd:
+            raise ValueError(f"feature ids must be integers, got {odd[:10]}")
         self.ids = torch.tensor([int(i) for i in features])
-        self.weights = torch.tensor([float(w) for w in features.values()])
+        self.weights = torch.tensor([checked_number(f"the weight of feature {i}", w) for i, w in features.items()])
         self.reduce = reduce
 
     def __call__(self, completions, **kwargs) -> list[float]:

@@ -114,6 +114,8 @@ def test_bad_input_gets_clear_errors(tiny):
         discover_contrastive_features(model, tok, sae, EN, [])
     with pytest.raises(ValueError, match="single string"):
         discover_contrastive_features(model, tok, sae, "hello", EN)
+    with pytest.raises(ValueError, match="a mapping"):  # a dict would be read as its keys
+        discover_contrastive_features(model, tok, sae, {"en": EN}, ZH)
     with pytest.raises(ValueError, match="rank_by"):
         discover_contrastive_features(model, tok, sae, EN, ZH, rank_by="auc")
     with pytest.raises(ValueError, match="layer="):

@@ -2,6 +2,7 @@
 
 import copy
 import inspect
+import math
 import pickle
 
 import pytest
@@ -167,6 +168,27 @@ def test_rewards_pickle_and_resolve_by_name(packs, pack_files):
         get_reward_func("nope")
     with pytest.raises(ValueError, match="needs the `sae_activations` column"):
         SAECodeSwitchPenalty(pack_files["zh"])(completions=["x"])
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda f: NgramRepetitionPenalty(max_penalty=math.nan), "max_penalty must be a finite number <= 0"),
+    (lambda f: SAECodeSwitchPenalty(f["zh"], weight=math.nan), "weight must be a finite number >= 0"),
+    (lambda f: SAECodeSwitchPenalty(f["zh"], weight=-1.0), "weight must be a finite number >= 0"),
+    (lambda f: SAECodeSwitchPenalty(f["zh"], threshold=math.inf), "threshold must be a finite number"),
+    (lambda f: SAERepetitionPenalty(f["repetition"], weight=math.inf), "weight must be a finite number >= 0"),
+    (lambda f: SAEFeatureReward({1: math.nan}), "weight of feature 1 must be a finite number"),
+    (lambda f: SAEFeatureReward({1.5: 1.0}), "feature ids must be integers"),
+])
+def test_rewards_refuse_weights_that_would_make_every_reward_nan(pack_files, make, match):
+    with pytest.raises(ValueError, match=match):
+        make(pack_files)
+
+
+@pytest.mark.parametrize("field", ["aux_loss_weight", "amplify_alpha", "sae_detect_threshold"])
+def test_config_refuses_non_finite_numbers(world, pack_files, tmp_path, field):
+    with pytest.raises(ValueError, match=f"{field} must be finite"):
+        make_config(tmp_path, sae_source=str(world.sae_dir), code_switch_pack=str(pack_files["zh"]),
+                    amplify_pack=str(pack_files["repetition"]), **{field: math.nan})
 
 
 def test_probe_penalty_trains_and_is_checked_against_the_sae(world, pack_files, tmp_path):

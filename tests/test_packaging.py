@@ -54,3 +54,16 @@ def test_readme_test_command_is_what_ci_runs():
     ci = (ROOT / ".ci" / "run").read_text()
     command = next(line for line in ci.splitlines() if line.startswith("TEST_COMMAND="))
     assert command.split("=", 1)[1].strip("'\"") in (ROOT / "README.md").read_text()
+
+
+def test_version_is_one_number_everywhere():
+    """pyproject's version, qscope_rl.__version__ and the README changelog's newest entry agree."""
+    import re
+    import tomllib
+
+    import qscope_rl
+
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    changelog = (ROOT / "README.md").read_text().split("## Changelog", 1)[1]
+    newest = re.search(r"^- (\d+\.\d+(?:\.\d+)?)", changelog, re.M).group(1)
+    assert declared == qscope_rl.__version__ == newest

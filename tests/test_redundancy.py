@@ -121,6 +121,8 @@ def test_performance_redundancy():
         performance_redundancy(torch.zeros(4, 2))
     with pytest.raises(ValueError, match="same mean score"):
         performance_redundancy(torch.ones(4, 3))
+    with pytest.raises(ValueError, match="scores must be finite"):  # a NaN would make every correlation NaN
+        performance_redundancy(torch.tensor([[0.1, 0.2, float("nan")], [0.3, 0.1, 0.2]]))
 
 
 def test_world_benchmarks_and_model_family(world):

@@ -51,6 +51,9 @@ def test_normalized_reward_refuses_bad_settings_and_pickles():
         NormalizedReward(Fixed([]), method="minmax")
     with pytest.raises(ValueError, match="window must be >= 2"):
         NormalizedReward(Fixed([]), window=1)
+    for eps in (0.0, float("nan")):  # it divides by std + eps
+        with pytest.raises(ValueError, match="eps must be a finite number > 0"):
+            NormalizedReward(Fixed([]), eps=eps)
     with pytest.raises(ValueError, match="returned 1 values for 2 completions"):
         NormalizedReward(Fixed([[1.0]]))(completions=["a", "b"])
 

@@ -142,6 +142,9 @@ def test_sasft_refuses_bad_config(world, pack_files, tmp_path):
     with pytest.raises(ValueError, match="sasft_alpha"):
         SASFTConfig(output_dir=str(tmp_path), sae_source=str(world.sae_dir), sasft_pack=str(pack_files["zh"]),
                     sasft_alpha="mean")
+    with pytest.raises(ValueError, match="sasft_lambda must be a finite number >= 0"):
+        SASFTConfig(output_dir=str(tmp_path), sae_source=str(world.sae_dir), sasft_pack=str(pack_files["zh"]),
+                    sasft_lambda=float("nan"))
     with pytest.raises(ValueError, match="layer 7 does not exist"):
         sasft_trainer(world, tmp_path, "bad", pack_files, sae_layer=7)
 

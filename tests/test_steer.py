@@ -44,6 +44,9 @@ def test_parse_strength(text, expected):
 def test_bad_strength_is_explained():
     with pytest.raises(ValueError, match="preset light/medium/strong"):
         parse_strength("very strong")
+    for bad in (math.nan, "nan", -math.inf, "inf", True):  # a NaN alpha would steer every logit to NaN
+        with pytest.raises(ValueError, match="bad steering strength"):
+            parse_strength(bad)
 
 
 def toy_pack():
@@ -100,6 +103,21 @@ def test_generation_parity_and_hooks_removed(world):
         steer(world.model, sae, {sae.d_sae: 1.0})
     with pytest.raises(ValueError, match="non-empty list of prompts"):
         generate(world.model, world.tokenizer, [])
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        generate(world.model, world.tokenizer, prompts, batch_size=0)
+
+
+@pytest.mark.parametrize("features, match", [
+    ({3: math.nan}, "strengths must be finite"), ({3: math.inf}, "strengths must be finite"),
+    ({3: "strong"}, "strength of feature 3 must be a number"), ({3.5: 1.0}, "feature ids must be integers"),
+    ({True: 1.0}, "feature ids must be integers"), ([(3, 1.0, 2.0)], "feature, strength"),
+])
+def test_steer_refuses_features_it_would_silently_misread(world, features, match):
+    sae = load_sae(world.sae_dir, layer=world.layer)
+    hooks = dict(decoder_layer(world.model, world.layer)._forward_hooks)
+    with pytest.raises(ValueError, match=match):
+        steer(world.model, sae, features, mode="clamp")
+    assert dict(decoder_layer(world.model, world.layer)._forward_hooks) == hooks
 
 
 def test_perplexity_matches_the_loss(world):
@@ -279,7 +297,7 @@ def test_grouped_steering_edits_each_groups_rows_with_its_own_features(world):
     """The topic experiment's batching: one row-restricted hook per group, stacked, in one forward."""
     import contextlib
 
-    from qscope_rl.demo.steering_experiment import _run_groups
+    from qscope_rl.demo.steering_experiment import run_groups
     from qscope_rl.hooks import capture_residual
 
     sae = load_sae(world.sae_dir, layer=world.layer)
@@ -299,7 +317,7 @@ def test_grouped_steering_edits_each_groups_rows_with_its_own_features(world):
         torch.testing.assert_close(edited.last[list(rows)], plain.last[list(rows)] + a * sae.W_dec[:, f],
                                    atol=1e-4, rtol=1e-4)
     prompts = world.prompts("heldout", "en")[:6]
-    runs = _run_groups(world, sae, [(prompts[:3], {3: 5.0}, None), (prompts[3:], None, world.topics[0])], "add",
+    runs = run_groups(world, sae, [(prompts[:3], {3: 5.0}, None), (prompts[3:], None, world.topics[0])], "add",
                        max_new_tokens=4)
     assert "topic_share" not in runs[0] and "topic_share" in runs[1]  # each group judged on its own target
     assert runs[0]["n"] == 3 and runs[1]["n"] == 3 and {"code_switch_rate", "perplexity"} <= set(runs[0])
@@ -318,7 +336,7 @@ def test_the_dense_diffmean_arm_edits_its_rows_with_the_world_vector(world):
     """The experiments' DiffMean arm: a world vector (topic docs minus the others', at the SAE's layer), added to
     the chosen rows only by ``steering``, the same context every arm goes through; no hook left behind."""
     from qscope_rl.demo.measures import clean_documents, world_topic_vector
-    from qscope_rl.demo.steering_experiment import _run_groups, steering
+    from qscope_rl.demo.steering_experiment import run_groups, steering
     from qscope_rl.hooks import capture_residual
     from qscope_rl.tools.steering_vectors import diff_mean
 
@@ -342,7 +360,7 @@ def test_the_dense_diffmean_arm_edits_its_rows_with_the_world_vector(world):
     torch.testing.assert_close(edited.last[[0, 2]], plain.last[[0, 2]] + 2.0 * vector, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(edited.last[[1, 3]], plain.last[[1, 3]])
     prompts = world.prompts("heldout", "en")[:4]
-    runs = _run_groups(world, sae, [(prompts[:2], 2.0 * vector, topic), (prompts[2:], None, topic)], "diffmean",
+    runs = run_groups(world, sae, [(prompts[:2], 2.0 * vector, topic), (prompts[2:], None, topic)], "diffmean",
                        max_new_tokens=4)
     assert [r["n"] for r in runs] == [2, 2]
     assert dict(decoder_layer(world.model, world.layer)._forward_hooks) == hooks_before

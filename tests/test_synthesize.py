@@ -107,6 +107,11 @@ def test_bad_input(world):
         synthesize(model, tok, sae, [1], ["a prompt"], strategy="context")
     with pytest.raises(ValueError, match="unknown strategy"):
         synthesize(model, tok, sae, [1], ["a prompt"], strategy="magic")
+    with pytest.raises(ValueError, match="target features must be integer ids"):  # not silently feature 1
+        synthesize(model, tok, sae, [1.5], ["a prompt"])
+    for strength in (float("nan"), float("inf"), 0.0, -2.0):  # it steers toward the target: finite and > 0
+        with pytest.raises(ValueError, match="strength must be a finite number > 0"):
+            synthesize(model, tok, sae, [1], ["a prompt"], strategy="steer", strength=strength)
 
 
 def test_cli_synthesize(world, world_cache, monkeypatch, tmp_path, capsys):
@@ -156,6 +161,9 @@ def test_curves_and_random_contexts(world):
     assert len(full.curve) == 24 and full.curve[-1] == len(full.covered)
     with pytest.raises(ValueError, match="budget must be >= 1"):
         unguided(model, tok, sae, targets, prompts, budget=0)
+    for share in (1.5, -0.1, float("nan")):
+        with pytest.raises(ValueError, match=r"stop_at is a share of the targets, in \[0, 1\]"):
+            unguided(model, tok, sae, targets, prompts, budget=8, stop_at=share)
 
 
 def test_downstream_experiment_pieces(world):

@@ -7,6 +7,7 @@ so every TRL field still works and can be overridden from the command line.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import MISSING, dataclass, field, fields
 
 from transformers import TrainingArguments
@@ -147,6 +148,9 @@ class SAEArguments(SAESourceArguments):
         if self.sae_source is None:
             return
         self.validate_sae_source()
+        for name in ("sae_detect_threshold", "aux_loss_weight", "amplify_alpha"):
+            if not math.isfinite(getattr(self, name)):  # NaN passes every < / > check and poisons each step
+                raise ValueError(f"{name} must be finite, got {getattr(self, name)}")
         if self.sae_feature_table_examples < 0:
             raise ValueError(f"sae_feature_table_examples must be >= 0, got {self.sae_feature_table_examples}")
         if self.aux_loss_weight < 0:
@@ -261,8 +265,8 @@ class SASFTConfig(SFTConfig, SAESourceArguments):
             raise ValueError("sasft_pack needs sae_source")
         if self.sae_source is not None and self.sasft_pack is None:
             raise ValueError("sae_source is set but sasft_pack is not: SASFT needs the unwanted-language pack")
-        if self.sasft_lambda < 0:
-            raise ValueError(f"sasft_lambda must be >= 0, got {self.sasft_lambda}")
+        if not (math.isfinite(self.sasft_lambda) and self.sasft_lambda >= 0):
+            raise ValueError(f"sasft_lambda must be a finite number >= 0, got {self.sasft_lambda}")
         if self.sasft_alpha not in SASFT_ALPHAS:
             raise ValueError(f"sasft_alpha={self.sasft_alpha!r}: expected one of {SASFT_ALPHAS}")
         if self.sasft_top_n is not None and self.sasft_top_n < 1:

@@ -114,7 +114,7 @@ def choose(options: dict, cap: float):
     return min(options, key=lambda k: options[k][1])
 
 
-def _run_groups(world, sae, groups, mode: str, max_new_tokens: int = 48, layer: int | None = None) -> list[dict]:
+def run_groups(world, sae, groups, mode: str, max_new_tokens: int = 48, layer: int | None = None) -> list[dict]:
     """One generate call for every group's prompts, each group's rows steered with its own features (a
     ``steer`` restricted to its rows; None: unsteered), then each group judged on its own. ``groups``: a list of
     (prompts, alphas or None, target topic or None). Every hook is removed on exit (ExitStack)."""
@@ -141,7 +141,7 @@ def _run_groups(world, sae, groups, mode: str, max_new_tokens: int = 48, layer: 
 
 
 def _run(world, sae, prompts, alphas: dict | None, mode: str, target_topic=None, max_new_tokens: int = 48):
-    return _run_groups(world, sae, [(prompts, alphas, target_topic)], mode, max_new_tokens)[0]
+    return run_groups(world, sae, [(prompts, alphas, target_topic)], mode, max_new_tokens)[0]
 
 
 def unwanted_packs(world, lang: str = "en"):
@@ -227,14 +227,14 @@ def topic_experiment(world, sae, n_dev: int = 24, n_test: int = 64, top: int = 8
 
     bases = {}
     for which in (0, 1):  # all topics' prompts in one call
-        runs = _run_groups(world, sae, [(split[t][which], None, t) for t in world.topics], "add")
+        runs = run_groups(world, sae, [(split[t][which], None, t) for t in world.topics], "add")
         bases |= {(which, t): m for t, m in zip(world.topics, runs)}
 
     def mean_effect(which: int, mode: str | None, strength) -> tuple[float, float, dict]:
         if mode is None:
             runs = [bases[which, t] for t in world.topics]
         else:  # every topic's prompts in one call, each topic's rows steered toward it
-            runs = _run_groups(world, sae, [(split[t][which], alphas(t, mode, strength), t) for t in world.topics],
+            runs = run_groups(world, sae, [(split[t][which], alphas(t, mode, strength), t) for t in world.topics],
                                mode)
         shares = [m["topic_share"] for m in runs]
         ratios = [m["perplexity"] / bases[which, t]["perplexity"] for t, m in zip(world.topics, runs)]

@@ -156,6 +156,8 @@ def _pack(name, method, model, sae, layer, ids, scores, stats, label, data, mode
 def _check_texts(texts, what: str) -> list[str]:
     if isinstance(texts, str):
         raise ValueError(f"{what} must be a list of texts, got a single string")
+    if isinstance(texts, Mapping):  # iterating it would read its keys as the texts
+        raise ValueError(f"{what} must be a list of texts, got a mapping (keys {list(texts)[:3]})")
     texts = [t for t in texts if isinstance(t, str) and t.strip()]
     if not texts:
         raise ValueError(f"{what} has no (non-empty) texts")

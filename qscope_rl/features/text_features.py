@@ -12,7 +12,7 @@ layer, sparse-encodes every real token and pools per text:
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import NamedTuple
 
 import torch
@@ -53,6 +53,8 @@ def check_texts(texts, what: str = "texts") -> list[str]:
     """A non-empty list of strings, or a ValueError that says what is wrong."""
     if isinstance(texts, str):
         raise ValueError(f"{what} must be a list of texts, got a single string")
+    if isinstance(texts, Mapping):  # iterating it would read its keys as the texts
+        raise ValueError(f"{what} must be a list of texts, got a mapping (keys {list(texts)[:3]})")
     texts = list(texts)
     if not texts:
         raise ValueError(f"{what} is empty")

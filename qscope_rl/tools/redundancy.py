@@ -90,6 +90,8 @@ def performance_redundancy(scores: Tensor, *, draws: int = 32, seed: int = 0) ->
     scores = torch.as_tensor(scores, dtype=torch.float64)
     if scores.ndim != 2 or scores.shape[0] < 1 or scores.shape[1] < 3:
         raise ValueError(f"scores must be (samples, models) with at least 3 models, got {tuple(scores.shape)}")
+    if not torch.isfinite(scores).all():
+        raise ValueError("scores must be finite: a NaN or infinite score makes every correlation NaN")
     n_samples = scores.shape[0]
     full = scores.mean(0)
     full = full - full.mean()

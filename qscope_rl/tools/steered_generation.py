@@ -39,19 +39,24 @@ _RELATIVE = re.compile(r"^([+-]?)(?:(light|medium|strong)|(\d+(?:\.\d+)?)x)$")
 
 def parse_strength(strength: float | str) -> tuple[float, bool]:
     """(value, relative): ``-3.5`` -> (-3.5, False); ``"-strong"`` -> (-10.0, True); ``"4x"`` -> (4.0, True)."""
+    bad = ValueError(f"bad steering strength {strength!r}: give a finite number (raw alpha), a preset "
+                     f"{'/'.join(PRESETS)} (optionally with a leading '-' to suppress) or a multiple like '4x' / "
+                     f"'-0.5x'")
     if isinstance(strength, (int, float)) and not isinstance(strength, bool):
-        return float(strength), False
-    text = str(strength).strip().lower()
-    match = _RELATIVE.match(text)
-    if match:
-        sign = -1.0 if match[1] == "-" else 1.0
-        return sign * (PRESETS[match[2]] if match[2] else float(match[3])), True
-    try:
-        return float(text), False
-    except ValueError:
-        raise ValueError(f"bad steering strength {strength!r}: give a number (raw alpha), a preset "
-                         f"{'/'.join(PRESETS)} (optionally with a leading '-' to suppress) or a multiple "
-                         f"like '4x' / '-0.5x'") from None
+        value, relative = float(strength), False
+    else:
+        text = str(strength).strip().lower()
+        match = _RELATIVE.match(text)
+        if match:
+            sign = -1.0 if match[1] == "-" else 1.0
+            return sign * (PRESETS[match[2]] if match[2] else float(match[3])), True
+        try:
+            value, relative = float(text), False
+        except ValueError:
+            raise bad from None
+    if not math.isfinite(value):  # a NaN or infinite alpha turns every later logit into NaN
+        raise bad
+    return value, relative
 
 
 def contrastive_scale(pack: FeaturePack, features: Iterable[int] | None = None) -> dict[int, float]:
@@ -108,6 +113,8 @@ def generate(model: nn.Module, tokenizer, prompts: Sequence[str], *, max_new_tok
         raise ValueError("generate needs a non-empty list of prompts")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if not 0 <= min_new_tokens <= max_new_tokens:
         raise ValueError(f"min_new_tokens must be in [0, max_new_tokens={max_new_tokens}], got {min_new_tokens}")
     sampling = sampling_kwargs(temperature) | ({"min_new_tokens": min_new_tokens} if min_new_tokens else {})

@@ -15,6 +15,8 @@ Three modes, ``a_j(h)`` being the SAE's own (sparse) encoding of the current hid
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -27,10 +29,27 @@ MODES = ("add", "clamp", "conditional", "pre_clamp")
 
 
 def _as_items(features: Mapping[int, float] | Iterable[tuple[int, float]]) -> list[tuple[int, float]]:
+    """(feature id, strength) pairs, refusing what ``int`` / ``float`` would silently misread: a fractional
+    or boolean id, a text strength, a NaN or infinite one (it would turn every later logit into NaN)."""
     items = list(features.items() if isinstance(features, Mapping) else features)
     if not items:
         raise ValueError("steering needs at least one (feature, strength) pair")
-    return [(int(f), float(s)) for f, s in items]
+    out = []
+    for item in items:
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            raise ValueError(f"steering features are (feature, strength) pairs or a {{feature: strength}} map, "
+                             f"got {item!r}")
+        feature, strength = item
+        if isinstance(feature, bool) or not isinstance(feature, numbers.Integral | torch.Tensor) \
+                or (isinstance(feature, torch.Tensor) and (feature.numel() != 1 or feature.is_floating_point())):
+            raise ValueError(f"feature ids must be integers, got {feature!r}")
+        if isinstance(strength, bool) or not isinstance(strength, numbers.Real | torch.Tensor):
+            raise ValueError(f"the strength of feature {int(feature)} must be a number, got {strength!r} "
+                             "(relative presets such as '-medium' go through relative_strengths)")
+        if not math.isfinite(float(strength)):
+            raise ValueError(f"steering strengths must be finite, got {float(strength)} for feature {int(feature)}")
+        out.append((int(feature), float(strength)))
+    return out
 
 
 class _AddFeatures:

@@ -182,7 +182,11 @@ class SynthesisResult:
 
 
 def _check_targets(targets, sae: SparseAutoencoder) -> list[int]:
-    targets = [int(t) for t in (targets.tolist() if isinstance(targets, Tensor) else targets)]
+    targets = list(targets.tolist() if isinstance(targets, Tensor) else targets)
+    odd = [t for t in targets if isinstance(t, bool) or int(t) != t]  # int() would quietly pick another feature
+    if odd:
+        raise ValueError(f"target features must be integer ids, got {odd[:10]}")
+    targets = [int(t) for t in targets]
     if not targets:
         raise ValueError("no target features: the dataset already activates every feature of the domain")
     bad = [t for t in targets if not 0 <= t < sae.d_sae]
@@ -219,6 +223,9 @@ def synthesize(model, tokenizer, sae: SparseAutoencoder, targets: Sequence[int] 
     prompts = check_texts(prompts, "prompts")
     if per_target < 1:
         raise ValueError(f"per_target must be >= 1, got {per_target}")
+    if strategy != "context" and not (math.isfinite(strength) and strength > 0):
+        raise ValueError(f"strength must be a finite number > 0 (the multiple of a target's typical activation "
+                         f"to steer toward it), got {strength}")
     contexts, typical = {}, {}
     if reference is not None:
         reference = check_texts(reference, "reference texts")
@@ -277,6 +284,8 @@ def unguided(model, tokenizer, sae: SparseAutoencoder, targets: Sequence[int] | 
     prompts = check_texts(prompts, "prompts")
     if budget < 1:
         raise ValueError(f"budget must be >= 1, got {budget}")
+    if stop_at is not None and not 0 <= stop_at <= 1:
+        raise ValueError(f"stop_at is a share of the targets, in [0, 1], got {stop_at}")
     rng = random.Random(seed)
     chosen = [rng.choice(prompts) for _ in range(budget)]
     target_ids = torch.tensor(targets)
