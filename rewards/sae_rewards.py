@@ -23,10 +23,18 @@ from ._numbers import checked_number
 
 
 def _activations(kwargs, name: str):
+    """Each completion's activations, refusing non-finite ones: TRL sums rewards with nansum, so a NaN reward
+    would vanish from the sum without a word."""
     if "sae_activations" not in kwargs:
         raise ValueError(f"{name} needs the `sae_activations` column, which SAEGRPOTrainer / SAERLOOTrainer add "
                          f"when `sae_source` is set")
-    return kwargs["sae_activations"]
+    for i, acts in enumerate(kwargs["sae_activations"]):
+        if not bool(torch.isfinite(acts.values).all()) or (acts.pre is not None
+                                                          and not bool(torch.isfinite(acts.pre).all())):
+            raise ValueError(f"{name}: the SAE activations of completion {i} hold NaN or infinite values: the "
+                             "residual stream at the SAE's layer overflowed or diverged (check the model's dtype "
+                             "and its loss); a reward read from them would be NaN, which TRL drops silently")
+        yield acts
 
 
 def _pack(pack: FeaturePack | str) -> FeaturePack:

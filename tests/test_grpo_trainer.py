@@ -184,6 +184,21 @@ def test_rewards_refuse_weights_that_would_make_every_reward_nan(pack_files, mak
         make(pack_files)
 
 
+def test_sae_rewards_refuse_non_finite_activations(packs):
+    """TRL sums rewards with nansum: a NaN penalty would vanish from the reward without a word."""
+    from qscope_rl.features.detection import CompletionActivations
+
+    pack = packs["zh"]
+    ids = torch.tensor([[[int(pack.ids[0]), int(pack.ids[1])]] * 2])  # (1, 2 tokens, k=2)
+    values = torch.tensor([[[1.0, float("nan")], [0.5, 0.0]]])
+    acts = CompletionActivations(values, ids, torch.ones(1, 2, dtype=torch.bool), d_sae=pack.d_sae)
+    for reward in (SAECodeSwitchPenalty(pack), SAERepetitionPenalty(pack), SAEFeatureReward({int(pack.ids[0]): 1.0})):
+        with pytest.raises(ValueError, match="completion 0 hold NaN or infinite values"):
+            reward(completions=["x"], sae_activations=[acts])
+    acts.values[0, 0, 1] = 2.0
+    assert SAECodeSwitchPenalty(pack)(completions=["x"], sae_activations=[acts])[0] < 0
+
+
 @pytest.mark.parametrize("field", ["aux_loss_weight", "amplify_alpha", "sae_detect_threshold"])
 def test_config_refuses_non_finite_numbers(world, pack_files, tmp_path, field):
     with pytest.raises(ValueError, match=f"{field} must be finite"):
