@@ -170,6 +170,10 @@ def test_command_line_errors_name_the_argument(tmp_path, capsys):
     assert "argument --max_steps" in capsys.readouterr().err
     assert launch.main(["--config", path, "--learning_rat", "1e-4", "--dry-run"]) == 2
     assert "unknown arguments ['--learning_rat', '1e-4']" in capsys.readouterr().err
+    with pytest.raises(RecipeError, match="does not say which trainer.*to read a recipe file, pass --config"):
+        parse_recipe(None, ["--recipe", path])  # a YAML given to another flag is not read as the recipe
+    with pytest.raises(RecipeError, match="does not say which trainer: add"):
+        parse_recipe(None, ["--max_steps", "2"])
 
 
 def test_overrides_beat_the_file_and_reach_the_config(tmp_path):

@@ -58,7 +58,8 @@ def parse_recipe(config_path: str | None, overrides: Sequence[str] = (), trainer
     ``dry_run``: on a machine without a bf16 GPU, validate a GPU recipe as if ``use_cpu`` were set (noted)."""
     values = _read_yaml(config_path) if config_path else {}
     where = config_path or "the command line"
-    trainer = _pick_trainer(trainer, values.pop("trainer", None), where)
+    yaml_given = not config_path and any(str(o).endswith((".yaml", ".yml")) for o in overrides)
+    trainer = _pick_trainer(trainer, values.pop("trainer", None), where, yaml_given)
     _apply_env(values.pop("env", None), where)
     config_cls = TRAINERS[trainer][0]
     parser = TrlParser([RunArguments, config_cls], prog="qscope-rl train", allow_abbrev=False, exit_on_error=False)
@@ -94,11 +95,12 @@ def parse_recipe(config_path: str | None, overrides: Sequence[str] = (), trainer
     return Recipe(trainer, run, config, config_path, world, notes, given=config_values)
 
 
-def _pick_trainer(override: str | None, in_file: str | None, where: str) -> str:
+def _pick_trainer(override: str | None, in_file: str | None, where: str, yaml_given: bool = False) -> str:
     trainer = override or in_file
     if trainer is None:
+        hint = " (a YAML file is on the command line: to read a recipe file, pass --config FILE)" if yaml_given else ""
         raise RecipeError(f"{where} does not say which trainer: add `trainer: {' | '.join(TRAINERS)}` "
-                          f"or pass --trainer")
+                          f"or pass --trainer{hint}")
     if trainer not in TRAINERS:
         raise RecipeError(f"trainer={trainer!r} in {where}: expected one of {sorted(TRAINERS)}")
     return trainer
