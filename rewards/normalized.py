@@ -12,6 +12,7 @@ import inspect
 import math
 from collections import deque
 
+from ._numbers import checked_number
 from ._sync import gather_floats
 
 METHODS = ("zscore", "rank")
@@ -57,8 +58,7 @@ class NormalizedReward:
             raise ValueError(f"method={method!r}: expected one of {METHODS}")
         if window < 2:
             raise ValueError(f"window must be >= 2 values, got {window}")
-        if not (isinstance(eps, int | float) and math.isfinite(eps) and eps > 0):  # it divides by std + eps
-            raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
+        eps = checked_number("eps", eps, above=0.0)  # it divides by std + eps
         if not callable(reward):
             raise TypeError(f"reward must be a reward function, got {type(reward).__name__}")
         if inspect.iscoroutinefunction(reward) or inspect.iscoroutinefunction(type(reward).__call__):

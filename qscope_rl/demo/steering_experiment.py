@@ -144,13 +144,17 @@ def _run(world, sae, prompts, alphas: dict | None, mode: str, target_topic=None,
     return run_groups(world, sae, [(prompts, alphas, target_topic)], mode, max_new_tokens)[0]
 
 
+def other_languages(world, lang: str = "en") -> list[str]:
+    """The world's languages but ``lang``, sorted (those of its held-out documents)."""
+    return sorted({d.lang for d in world.documents("heldout")} - {lang})
+
+
 def unwanted_packs(world, lang: str = "en"):
     """The SASFT packs of every language but ``lang``, merged into one pack (features in pack order)."""
     from qscope_rl.world.packs import world_packs
 
     packs = world_packs(world)
-    langs = sorted({d.lang for d in world.documents("heldout")})
-    return [packs[other] for other in langs if other != lang and other in packs]
+    return [packs[other] for other in other_languages(world, lang) if other in packs]
 
 
 def code_switch_experiment(world, sae, n_dev: int = 128, n_test: int = 256, top: int = 8, samples: int = 8,
@@ -161,8 +165,7 @@ def code_switch_experiment(world, sae, n_dev: int = 128, n_test: int = 256, top:
     dev = world.prompts("train", "en")[:n_dev] * samples
     test = world.prompts("heldout", "en")[:n_test] * samples
     packs = unwanted_packs(world, "en")
-    langs = sorted({d.lang for d in world.documents("heldout")} - {"en"})
-    vector = world_language_vector(world, sae.layer, langs, "en")
+    vector = world_language_vector(world, sae.layer, other_languages(world, "en"), "en")
 
     def alphas(mode, strength):
         if mode == DENSE:

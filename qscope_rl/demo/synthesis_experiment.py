@@ -19,6 +19,7 @@ The report's claim (Qwen-Scope, point 3): data aimed at the features a dataset n
 from __future__ import annotations
 
 import random
+from collections import Counter
 
 import torch
 
@@ -90,10 +91,8 @@ def downstream(world, setting: dict, arms: dict[str, list[str]], *, boot: int = 
     for name, texts in arms.items():
         labelled = [(t, judged_topic(world, t)) for t in texts if t.strip()]
         sets[name] = real + [(t, y) for t, y in labelled if y is not None]
-        synthetic_topics[name] = {}
-        for _, y in labelled:  # how balanced the added classes are: macro-F1 weighs every topic alike
-            if y is not None:
-                synthetic_topics[name][y] = synthetic_topics[name].get(y, 0) + 1
+        # how balanced the added classes are: macro-F1 weighs every topic alike
+        synthetic_topics[name] = dict(Counter(y for _, y in labelled if y is not None))
     test = setting["tail_test"]
     truth = [d.topic for d in test]
     classes = sorted(world.topics)

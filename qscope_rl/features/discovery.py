@@ -28,7 +28,7 @@ from qscope_rl.sae.autoencoder import SparseActs, SparseAutoencoder
 from qscope_rl.sae.identity import sae_digest
 
 from .feature_pack import Feature, FeaturePack, texts_sha256
-from .text_features import layer_batches, pad_id
+from .text_features import layer_batches, pad_id, text_list
 
 RANK_BY = ("p_fire", "mean_diff")
 
@@ -154,11 +154,8 @@ def _pack(name, method, model, sae, layer, ids, scores, stats, label, data, mode
 
 
 def _check_texts(texts, what: str) -> list[str]:
-    if isinstance(texts, str):
-        raise ValueError(f"{what} must be a list of texts, got a single string")
-    if isinstance(texts, Mapping):  # iterating it would read its keys as the texts
-        raise ValueError(f"{what} must be a list of texts, got a mapping (keys {list(texts)[:3]})")
-    texts = [t for t in texts if isinstance(t, str) and t.strip()]
+    """The non-empty strings of ``texts`` (blank lines of a corpus are dropped, not refused)."""
+    texts = [t for t in text_list(texts, what) if isinstance(t, str) and t.strip()]
     if not texts:
         raise ValueError(f"{what} has no (non-empty) texts")
     return texts

@@ -49,13 +49,19 @@ def sae_layer(sae: SparseAutoencoder, layer: int | None) -> int:
     return layer
 
 
-def check_texts(texts, what: str = "texts") -> list[str]:
-    """A non-empty list of strings, or a ValueError that says what is wrong."""
+def text_list(texts, what: str = "texts") -> list:
+    """``texts`` as a list, refusing a single string or a mapping (iterating either would read its characters or
+    keys as the texts); its entries are the caller's to check."""
     if isinstance(texts, str):
         raise ValueError(f"{what} must be a list of texts, got a single string")
-    if isinstance(texts, Mapping):  # iterating it would read its keys as the texts
+    if isinstance(texts, Mapping):
         raise ValueError(f"{what} must be a list of texts, got a mapping (keys {list(texts)[:3]})")
-    texts = list(texts)
+    return list(texts)
+
+
+def check_texts(texts, what: str = "texts") -> list[str]:
+    """A non-empty list of strings, or a ValueError that says what is wrong."""
+    texts = text_list(texts, what)
     if not texts:
         raise ValueError(f"{what} is empty")
     bad = [i for i, t in enumerate(texts) if not isinstance(t, str) or not t.strip()]
